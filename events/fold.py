@@ -1,0 +1,195 @@
+"""The projection: `apply(view, event) -> view`, a pure fold.
+
+The same function updates the stored projection at append time and rebuilds any view from
+its history, so the two can never disagree. Views are plain JSON-ready dicts shaped as
+PROTOCOL.md's task view; `apply` never mutates its input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from events.ids import TaskId
+from events.model import EventType, Status, initial_status, next_status
+
+View = dict[str, Any]
+OUTPUT_TAIL_LINES = 50
+
+E = EventType
+
+
+def created_view(task: TaskId, data: dict[str, Any], at: str) -> View:
+    """The view after `task.created` (version 1)."""
+    return {
+        "id": task,
+        "kind": data["kind"],
+        "scope": data["scope"],
+        "status": initial_status(data.get("depends_on") or []).value,
+        "step": None,
+        "steps": [],
+        "progress": 0.0,
+        "output_tail": [],
+        "questions": [],
+        "result": None,
+        "error": None,
+        "labels": list(data.get("labels") or []),
+        "depends_on": list(data.get("depends_on") or []),
+        "priority": data.get("priority", 0),
+        "timeout_s": data.get("timeout_s"),
+        "input": data.get("input", {}),
+        "attempt": 1,
+        "cancel_requested": False,
+        "created_at": at,
+        "updated_at": at,
+        "version": 1,
+        "position": None,
+    }
+
+
+def apply(view: View | None, task: TaskId, version: int, type_: EventType,
+          data: dict[str, Any], at: str) -> View:
+    """The view after one event. Raises IllegalTransition for an event the FSM forbids,
+    and ValueError for a version that does not follow the view's."""
+    if view is None:
+        if type_ is not E.TASK_CREATED or version != 1:
+            raise ValueError(f"the first event of a task is task.created at version 1, not {type_}")
+        return created_view(task, data, at)
+    if version != view["version"] + 1:
+        raise ValueError(f"version {version} does not follow {view['version']}")
+    status = next_status(Status(view["status"]), type_)
+    new = dict(view)
+    new["status"] = status.value
+    new["version"] = version
+    new["updated_at"] = at
+    _FOLDS.get(type_, _nothing)(new, data, at)
+    return new
+
+
+def rebuild(task: TaskId, events: Iterable[tuple[int, EventType, dict[str, Any], str]]) -> View | None:
+    """The view after a task's whole history of (version, type, data, at)."""
+    view: View | None = None
+    for version, type_, data, at in events:
+        view = apply(view, task, version, type_, data, at)
+    return view
+
+
+def _nothing(view: View, data: dict[str, Any], at: str) -> None:
+    pass
+
+
+def _step(view: View, name: str) -> dict[str, Any]:
+    """The (copied, writable) step called `name`, appended when new."""
+    steps = list(view["steps"])
+    view["steps"] = steps
+    for i, step in enumerate(steps):
+        if step["name"] == name:
+            steps[i] = dict(step)
+            return steps[i]  # type: ignore[no-any-return]
+    step = {"name": name, "status": "pending", "attempt": 0}
+    steps.append(step)
+    return step
+
+
+def _overall(view: View, current: float) -> float:
+    total = view.get("steps_total")
+    done = sum(1 for s in view["steps"] if s["status"] == "completed")
+    if not total:
+        return float(current)
+    return float(min(1.0, round((done + current) / total, 4)))
+
+
+def _task_started(view: View, data: dict[str, Any], at: str) -> None:
+    view["started_at"] = at
+
+
+def _step_started(view: View, data: dict[str, Any], at: str) -> None:
+    step = _step(view, data["step"])
+    step.update(status="running", attempt=step["attempt"] + 1, started_at=at, progress=0.0)
+    step.pop("ended_at", None)
+    step.pop("error", None)
+    if "steps_total" in data:
+        view["steps_total"] = data["steps_total"]
+    view["step"] = data["step"]
+    view["progress"] = _overall(view, 0.0)
+
+
+def _step_progress(view: View, data: dict[str, Any], at: str) -> None:
+    step = _step(view, data["step"])
+    step["progress"] = data["progress"]
+    if data.get("message") is not None:
+        step["message"] = data["message"]
+    view["progress"] = _overall(view, data["progress"])
+
+
+def _step_output(view: View, data: dict[str, Any], at: str) -> None:
+    view["output_tail"] = (view["output_tail"] + list(data["lines"]))[-OUTPUT_TAIL_LINES:]
+
+
+def _step_completed(view: View, data: dict[str, Any], at: str) -> None:
+    step = _step(view, data["step"])
+    step.update(status="completed", ended_at=at, progress=1.0)
+    if data.get("result") is not None:
+        step["result"] = data["result"]
+    if data.get("message") is not None:
+        step["message"] = data["message"]
+    view["progress"] = _overall(view, 0.0)
+
+
+def _step_failed(view: View, data: dict[str, Any], at: str) -> None:
+    step = _step(view, data["step"])
+    step.update(status="failed", ended_at=at, error=data["error"])
+
+
+def _question(view: View, data: dict[str, Any], at: str) -> None:
+    question = {k: data[k] for k in ("type", "prompt", "options") if k in data}
+    view["questions"] = [*view["questions"], {"id": data["question"], **question}]
+
+
+def _answered(view: View, data: dict[str, Any], at: str) -> None:
+    view["questions"] = [q for q in view["questions"] if q["id"] != data["question"]]
+
+
+def _cancel_requested(view: View, data: dict[str, Any], at: str) -> None:
+    view["cancel_requested"] = True
+
+
+def _retrying(view: View, data: dict[str, Any], at: str) -> None:
+    view["attempt"] = data["attempt"]
+    view["error"] = None
+    view["cancel_requested"] = False
+
+
+def _completed(view: View, data: dict[str, Any], at: str) -> None:
+    view["result"] = data.get("result")
+    view["progress"] = 1.0
+    view["ended_at"] = at
+
+
+def _failed(view: View, data: dict[str, Any], at: str) -> None:
+    view["error"] = data["error"]
+    view["ended_at"] = at
+
+
+def _ended(view: View, data: dict[str, Any], at: str) -> None:
+    view["ended_at"] = at
+    if data.get("reason") is not None:
+        view["error"] = data["reason"]
+
+
+_FOLDS = {
+    E.TASK_STARTED: _task_started,
+    E.STEP_STARTED: _step_started,
+    E.STEP_PROGRESS: _step_progress,
+    E.STEP_OUTPUT: _step_output,
+    E.STEP_COMPLETED: _step_completed,
+    E.STEP_FAILED: _step_failed,
+    E.TASK_QUESTION: _question,
+    E.TASK_ANSWERED: _answered,
+    E.TASK_CANCEL_REQUESTED: _cancel_requested,
+    E.TASK_RETRYING: _retrying,
+    E.TASK_COMPLETED: _completed,
+    E.TASK_FAILED: _failed,
+    E.TASK_CANCELLED: _ended,
+    E.TASK_TIMED_OUT: _ended,
+}

@@ -1,0 +1,50 @@
+"""Identifiers: task ids, log positions and fencing tokens.
+
+A position is the pair (transaction id, sequence number) of an event, packed into one int
+so that comparing positions is comparing ints. On the wire it is an opaque string of 32
+hex digits, which also sorts correctly as a string.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from typing import NewType
+
+TaskId = NewType("TaskId", str)
+Position = NewType("Position", int)
+FenceToken = NewType("FenceToken", int)
+
+ZERO = Position(0)
+_SEQ_BITS = 64
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
+_POSITION_CHARS = 32
+
+
+def position(xid: int, seq: int) -> Position:
+    """Pack an event's transaction id and sequence number into a position."""
+    return Position((xid << _SEQ_BITS) | seq)
+
+
+def split(pos: Position) -> tuple[int, int]:
+    """The (xid, seq) pair of a position, for SQL parameters."""
+    return pos >> _SEQ_BITS, pos & _SEQ_MASK
+
+
+def encode(pos: Position) -> str:
+    """The wire form of a position."""
+    return f"{pos:032x}"
+
+
+def decode(text: str) -> Position:
+    """Parse a wire position. Raises ValueError when `text` is not one."""
+    if len(text) != _POSITION_CHARS:
+        raise ValueError("a position is 32 hex digits")
+    return Position(int(text, 16))
+
+
+def new_task_id() -> TaskId:
+    """A new task id: `tsk_` + 48 bits of milliseconds + 80 random bits, base32, sortable."""
+    raw = int(time.time() * 1000).to_bytes(6, "big") + os.urandom(10)
+    return TaskId("tsk_" + base64.b32encode(raw).decode().lower().rstrip("="))

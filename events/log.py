@@ -1,0 +1,201 @@
+"""The event log: create tasks, append events, read them back in position order.
+
+Every write goes through one SQL function (`taskcast_create`, `taskcast_append`), one
+round trip and one transaction that writes the events, the task projection and, where
+asked, the job row. The projection is computed here by the pure fold (`events.fold`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from events import db
+from events.clock import Clock, SystemClock, iso
+from events.errors import DuplicateKey, NotFound, VersionConflict
+from events.fold import View, apply, created_view
+from events.ids import ZERO, FenceToken, Position, TaskId, encode, new_task_id, position, split
+from events.model import Event, EventType, NewEvent
+from events.sql import q
+
+READ_PAGE = 1000
+COMMAND_ATTEMPTS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """What a command answers once it is durable."""
+
+    task: TaskId
+    status: str
+    position: Position
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CreateTask:
+    kind: str
+    scope: str
+    input: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    depends_on: list[str] = field(default_factory=list)
+    timeout_s: float | None = None
+    priority: int = 0
+
+    def data(self) -> dict[str, Any]:
+        """The `task.created` event's data."""
+        return {"kind": self.kind, "scope": self.scope, "input": self.input,
+                "labels": self.labels, "depends_on": self.depends_on,
+                "timeout_s": self.timeout_s, "priority": self.priority}
+
+
+def event_from_row(row: asyncpg.Record) -> Event:
+    return Event(task=TaskId(row["task_id"]), version=row["version"], type=EventType(row["type"]),
+                 data=row["data"], at=iso(row["at"]), position=position(row["xid"], row["seq"]),
+                 scope=row["scope"])
+
+
+class EventLog:
+    """The log and the task projection, over a pool."""
+
+    def __init__(self, pool: asyncpg.Pool, *, clock: Clock | None = None) -> None:
+        self.pool = pool
+        self.clock = clock or SystemClock()
+
+    async def create(self, spec: CreateTask, *, principal: str = "", key: str | None = None,
+                     task: TaskId | None = None) -> Ack:
+        """Create a task (row, `task.created` event, job) in one transaction.
+
+        With a `key` already used by `principal` in the last 24 h, returns the first ack with
+        duplicate=True and writes nothing. Raises Unavailable when PostgreSQL is down.
+        """
+        task = task or new_task_id()
+        now = self.clock.now()
+        data = spec.data()
+        view = created_view(task, data, iso(now))
+        job_state = None if spec.depends_on else "queued"
+        for _ in range(2):
+            try:
+                async with db.acquire(self.pool) as conn:
+                    row = await conn.fetchrow(
+                        q("create"), task, spec.kind, spec.scope, view["status"], view,
+                        spec.labels, spec.priority, data, now, job_state, principal, key)
+            except DuplicateKey:
+                continue  # a concurrent command with the same key won; read its ack
+            assert row is not None
+            return Ack(TaskId(row["task"]), row["status"], position(row["xid"], row["seq"]),
+                       row["duplicate"])
+        raise VersionConflict(f"key {key!r} is being used by a concurrent command")
+
+    async def append(self, task: TaskId, view: View, events: Sequence[NewEvent], *,
+                     fence: FenceToken | None = None, job_state: str | None = None,
+                     run_at: datetime | None = None, principal: str | None = None,
+                     key: str | None = None) -> tuple[View, list[Event]]:
+        """Append `events` to a task whose current view is `view`; return the new view and
+        the stored events.
+
+        Raises IllegalTransition (FSM), VersionConflict (the task moved past `view`),
+        StaleFence (the worker's lease is lost: nothing was written), DuplicateKey,
+        NotFound, Unavailable.
+        """
+        now = self.clock.now()
+        at = iso(now)
+        new = view
+        for i, event in enumerate(events, start=1):
+            new = apply(new, task, view["version"] + i, event.type, event.data, at)
+        async with db.acquire(self.pool) as conn:
+            rows = await conn.fetch(
+                q("append"), task, view["version"], new["status"], new,
+                [e.type.value for e in events], [e.data for e in events], [now] * len(events),
+                fence, job_state, run_at, principal, key)
+        stored = [Event(task, r["version"], e.type, e.data, at, position(r["xid"], r["seq"]),
+                        view["scope"]) for r, e in zip(rows, events, strict=True)]
+        new = dict(new)
+        new["position"] = encode(stored[-1].position)
+        return new, stored
+
+    async def command(self, task: TaskId, decide: Callable[[View], Sequence[NewEvent]], *,
+                      principal: str = "", key: str | None = None,
+                      job_state: Callable[[View], str | None] | None = None) -> Ack:
+        """Run a command against a task's current view: `decide(view)` returns the events to
+        append (it raises a Conflict to refuse). Retries when the task moved concurrently.
+
+        With a `key` already used by `principal`, returns the first ack, duplicate=True.
+        """
+        for _ in range(COMMAND_ATTEMPTS):
+            if key is not None:
+                first = await self._first_ack(principal, key)
+                if first is not None:
+                    return first
+            view = await self.view(task)
+            events = decide(view)
+            try:
+                new, stored = await self.append(
+                    task, view, events, principal=principal, key=key,
+                    job_state=job_state(view) if job_state else None)
+            except (VersionConflict, DuplicateKey):
+                continue
+            return Ack(task, new["status"], stored[-1].position)
+        raise VersionConflict(f"task {task} kept changing; try again")
+
+    async def _first_ack(self, principal: str, key: str) -> Ack | None:
+        async with db.acquire(self.pool) as conn:
+            row = await conn.fetchrow(q("command_key"), principal, key)
+        if row is None:
+            return None
+        return Ack(TaskId(row["task_id"]), row["status"], position(row["xid"], row["seq"]), True)
+
+    async def view(self, task: TaskId) -> View:
+        """The task's current view. Raises NotFound."""
+        async with db.acquire(self.pool) as conn:
+            row = await conn.fetchrow(q("get_view"), task)
+        if row is None:
+            raise NotFound(f"no task {task}")
+        view: View = row["view"]
+        if row["xid"] is not None:
+            view["position"] = encode(position(row["xid"], row["seq"]))
+        return view
+
+    async def read_after(self, after: Position = ZERO, *, task: TaskId | None = None,
+                         scope: str | None = None, limit: int = READ_PAGE) -> list[Event]:
+        """Up to `limit` events after `after`, in position order, that no later commit can
+        precede: a reader that continues from the last one returned never skips an event."""
+        xid, seq = split(after)
+        async with db.acquire(self.pool) as conn:
+            if task is not None:
+                rows = await conn.fetch(q("read_after_task"), xid, seq, limit, task)
+            elif scope is not None:
+                rows = await conn.fetch(q("read_after_scope"), xid, seq, limit, scope)
+            else:
+                rows = await conn.fetch(q("read_after"), xid, seq, limit)
+        return [event_from_row(r) for r in rows]
+
+    async def head(self) -> Position:
+        """The position of the newest event every reader can see."""
+        async with db.acquire(self.pool) as conn:
+            row = await conn.fetchrow(q("head"))
+        return ZERO if row is None else position(row["xid"], row["seq"])
+
+    async def history(self, task: TaskId, after_version: int = 0,
+                      limit: int = READ_PAGE) -> list[Event]:
+        """A task's events after `after_version`, in version order."""
+        async with db.acquire(self.pool) as conn:
+            rows = await conn.fetch(q("history"), task, after_version, limit)
+        return [event_from_row(r) for r in rows]
+
+    async def view_before(self, task: TaskId, version: int) -> View | None:
+        """The task's view at `version` (None before its first event), rebuilt by the fold."""
+        if version == 0:
+            return None
+        async with db.acquire(self.pool) as conn:
+            rows = await conn.fetch(q("history_until"), task, version)
+        view: View | None = None
+        for row in rows:
+            e = event_from_row(row)
+            view = apply(view, e.task, e.version, e.type, e.data, e.at)
+            view["position"] = encode(e.position)
+        return view

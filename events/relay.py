@@ -1,0 +1,118 @@
+"""The relay: tails the log in position order and publishes chained batches to Redis.
+
+One relay leads at a time: leadership is a session-level advisory lock held on a dedicated
+connection, so it is released the moment that connection dies, and a standby (polling the
+lock every `standby_poll_s`) takes over. Messages are chained (`prev`), and the relay
+publishes its head at least every `heartbeat_s`, so a node notices any lost message,
+the last one included (invariant 1). Re-publishing after a takeover is harmless: nodes
+drop positions they have already delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from events import db
+from events.errors import Unavailable
+from events.ids import position, split
+from events.log import EventLog
+from events.projector import Projector
+from events.sql import q
+from events.wire import encode_batch
+
+log = logging.getLogger("taskcast.relay")
+
+RELAY_LOCK = 0x7463_7265_6C61_79  # "tcrelay"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    channel: str
+    batch_events: int = 500
+    heartbeat_s: float = 1.0
+    poll_s: float = 0.5
+    standby_poll_s: float = 1.0
+    save_every_s: float = 0.5
+
+
+class Relay:
+    def __init__(self, database_url: str, log_: EventLog, redis: Redis, config: RelayConfig) -> None:
+        self.database_url = database_url
+        self.log = log_
+        self.redis = redis
+        self.config = config
+        self.projector = Projector(log_)
+        self.leading = asyncio.Event()
+        self.published_events = 0
+
+    async def run(self) -> None:
+        """Forever: wait for leadership, then publish until it is lost. Cancel to stop."""
+        while True:
+            try:
+                conn = await db.connect(self.database_url)
+            except Unavailable as exc:
+                log.warning("relay cannot reach PostgreSQL: %s", exc)
+                await asyncio.sleep(self.config.standby_poll_s)
+                continue
+            try:
+                if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):
+                    log.info("relay is leading")
+                    await self._lead(conn)
+                else:
+                    await asyncio.sleep(self.config.standby_poll_s)
+            except (Unavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("relay lost PostgreSQL, standing by: %s", exc)
+                await asyncio.sleep(self.config.standby_poll_s)
+            except Exception:
+                log.exception("relay failed; restarting")
+                await asyncio.sleep(self.config.standby_poll_s)
+            finally:
+                self.leading.clear()
+                conn.terminate()
+
+    async def _lead(self, conn: asyncpg.Connection) -> None:
+        wake = asyncio.Event()
+        await conn.add_listener("taskcast_events", lambda *_: wake.set())
+        row = await conn.fetchrow(q("relay_cursor"))
+        cursor = position(row["xid"], row["seq"]) if row else await self.log.head()
+        saved, last_publish, last_save = cursor, 0.0, time.monotonic()
+        self.leading.set()
+        while not conn.is_closed():
+            wake.clear()
+            events = await self.log.read_after(cursor, limit=self.config.batch_events)
+            now = time.monotonic()
+            if events:
+                updates = await self.projector.updates(events)
+                await self._publish(encode_batch(cursor, updates))
+                cursor = events[-1].position
+                self.published_events += len(events)
+                last_publish = now
+                if len(events) == self.config.batch_events:
+                    continue  # more are waiting: no sleep
+            elif now - last_publish >= self.config.heartbeat_s:
+                await self._publish(encode_batch(cursor, []))
+                last_publish = now
+            if cursor != saved and now - last_save >= self.config.save_every_s:
+                await conn.execute(q("save_relay_cursor"), *split(cursor))
+                saved, last_save = cursor, now
+            timeout = min(self.config.poll_s, self.config.heartbeat_s - (now - last_publish))
+            try:
+                await asyncio.wait_for(wake.wait(), max(timeout, 0.001))
+            except TimeoutError:
+                pass
+        raise Unavailable("the relay's leadership connection closed")
+
+    async def _publish(self, message: bytes) -> None:
+        # Redis is only the fast path: when it is down the relay keeps going, and nodes
+        # fill what they missed from the log once messages flow again.
+        try:
+            await self.redis.publish(self.config.channel, message)
+        except (RedisError, OSError) as exc:
+            log.warning("relay cannot publish to Redis: %s", exc)

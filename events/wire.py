@@ -1,0 +1,76 @@
+"""The relay's Redis message: a chained batch of pre-encoded updates.
+
+    <header JSON>\n<blob><blob>...
+
+header = {"prev": P0, "head": P, "events": [[position, task, scope, version, blob_len], ...]}
+where positions are wire strings. Each blob is the tail of an `update` frame,
+`,"position":"..","event":{..},"task":{..}}`, so a node builds the frame for a channel by
+prefixing `{"type":"update","channel":"<C>"` and never decodes or re-encodes an event.
+
+`prev` names the position the previous message ended at: a node whose own head differs has
+missed something and fills the gap from the log (invariant 1). A message without events is
+the relay's heartbeat: its `head` lets a node notice a lost *last* message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import orjson
+
+from events.fold import View
+from events.ids import Position, TaskId, decode, encode
+from events.model import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One event as a node routes it."""
+
+    position: Position
+    task: TaskId
+    scope: str
+    version: int
+    blob: bytes  # the frame's tail, see the module docstring
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    prev: Position
+    head: Position
+    updates: list[Update]
+
+
+def update(event: Event, view: View) -> Update:
+    """Encode one event and the view after it."""
+    blob = (b',"position":"' + encode(event.position).encode() + b'","event":'
+            + orjson.dumps(event.wire()) + b',"task":' + orjson.dumps(view) + b"}")
+    return Update(event.position, event.task, event.scope, event.version, blob)
+
+
+def encode_batch(prev: Position, updates: Sequence[Update], head: Position | None = None) -> bytes:
+    """A Redis message. `head` defaults to the last update's position (or `prev`)."""
+    if head is None:
+        head = updates[-1].position if updates else prev
+    header = {"prev": encode(prev), "head": encode(head),
+              "events": [[encode(u.position), u.task, u.scope, u.version, len(u.blob)]
+                         for u in updates]}
+    return b"".join([orjson.dumps(header), b"\n", *(u.blob for u in updates)])
+
+
+def decode_batch(message: bytes) -> Batch:
+    """Parse a Redis message. Raises ValueError when it is not one."""
+    cut = message.find(b"\n")
+    if cut < 0:
+        raise ValueError("no header")
+    header = orjson.loads(message[:cut])
+    updates: list[Update] = []
+    offset = cut + 1
+    for pos, task, scope, version, size in header["events"]:
+        updates.append(Update(decode(pos), TaskId(task), scope, version,
+                              message[offset:offset + size]))
+        offset += size
+    if offset != len(message):
+        raise ValueError("blob lengths do not add up")
+    return Batch(decode(header["prev"]), decode(header["head"]), updates)

@@ -1,0 +1,1 @@
+"""taskcast's server: websocket gateway, HTTP, fan-out, auth and CLI."""

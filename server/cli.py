@@ -1,0 +1,138 @@
+"""The `taskcast` command: dev, serve, worker, relay, migrate, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from server.settings import Settings, from_env
+
+DESCRIPTION = """taskcast: a realtime task event server.
+
+  dev      everything in one process (embedded PostgreSQL and Valkey unless
+           DATABASE_URL / REDIS_URL are set): migrations, server, relay, 2 workers
+  serve    a websocket/HTTP server node (production: any number of them)
+  worker   a worker process that runs tasks (any number)
+  relay    the relay from the event log to Redis (run two: one leads, one stands by)
+  migrate  apply pending database migrations and exit
+  token    mint a development token (needs TASKCAST_SECRET)
+
+Every subcommand reads DATABASE_URL and REDIS_URL from the environment."""
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="taskcast", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in (("dev", "run everything locally, with embedded servers when no URLs are set"),
+                           ("serve", "run a server node")):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("--host", default=os.environ.get("TASKCAST_HOST", "127.0.0.1"))
+        p.add_argument("--port", type=int, default=int(os.environ.get("TASKCAST_PORT", "8000")))
+        if name == "dev":
+            p.add_argument("--data-dir", default=os.environ.get("TASKCAST_DATA_DIR", ".taskcast"),
+                           help="where embedded PostgreSQL and Valkey keep their data")
+            p.add_argument("--workers", type=int, default=2, help="worker loops in this process")
+    p = sub.add_parser("worker", help="run a worker", description="claim and run tasks")
+    p.add_argument("--concurrency", type=int, default=8, help="tasks run at once")
+    sub.add_parser("relay", help="run the relay", description="publish the event log to Redis")
+    sub.add_parser("migrate", help="apply migrations", description="apply pending migrations")
+    p = sub.add_parser("token", help="mint a token", description="mint an HS256 token (TASKCAST_SECRET)")
+    p.add_argument("subject")
+    p.add_argument("--scope", action="append", default=[], help="scope pattern (repeatable)")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("TASKCAST_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "token":
+        from server.auth import mint
+
+        secret = os.environ.get("TASKCAST_SECRET")
+        if not secret:
+            print("taskcast token: set TASKCAST_SECRET", file=sys.stderr)
+            return 2
+        print(mint(secret, args.subject, args.scope or ["*"], ttl_s=args.ttl))
+        return 0
+
+    settings = from_env(node_id=f"{socket.gethostname()}:{os.getpid()}")
+    if args.command == "dev":
+        return dev(settings.with_(host=args.host, port=args.port), Path(args.data_dir), args.workers)
+    if not settings.database_url or not settings.redis_url:
+        print(f"taskcast {args.command}: set DATABASE_URL and REDIS_URL (or use `taskcast dev`)",
+              file=sys.stderr)
+        return 2
+    from server.process import Process, Roles
+
+    if args.command == "migrate":
+        return _migrate(settings)
+    if args.command == "serve":
+        settings = settings.with_(host=args.host, port=args.port)
+        roles = Roles(serve=True)
+    elif args.command == "worker":
+        settings = settings.with_(worker_concurrency=args.concurrency)
+        roles = Roles(workers=1)
+    else:
+        roles = Roles(relay=True)
+    _run(Process(settings, roles).run_until_signal())
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    from events.migrate import migrate
+
+    async def go() -> None:
+        applied = await migrate(settings.database_url)
+        print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+
+    _run(go())
+    return 0
+
+
+def dev(settings: Settings, data_dir: Path, workers: int) -> int:
+    """Everything in one process; embedded PostgreSQL and Valkey unless URLs are set."""
+    from server.process import Process, Roles
+
+    with ExitStack() as stack:
+        if not settings.database_url or not settings.redis_url:
+            from server.embedded import EmbeddedPair
+
+            print(f"starting embedded PostgreSQL and Valkey under {data_dir}/ ...", flush=True)
+            database_url, redis_url = stack.enter_context(EmbeddedPair(data_dir.resolve()))
+            settings = settings.with_(database_url=settings.database_url or database_url,
+                                      redis_url=settings.redis_url or redis_url)
+        _migrate(settings)
+
+        async def go() -> None:
+            process = Process(settings, Roles(serve=True, relay=True, workers=workers))
+            stop_printed = asyncio.get_running_loop().call_later(
+                0.5, lambda: print(f"taskcast is running: http://{settings.host}:{settings.port}/ "
+                                   f"(websocket: ws://{settings.host}:{settings.port}/ws); "
+                                   "Ctrl-C stops", flush=True))
+            try:
+                await process.run_until_signal()
+            finally:
+                stop_printed.cancel()
+
+        _run(go())
+    print("taskcast stopped; data kept in", data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

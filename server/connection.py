@@ -1,0 +1,309 @@
+"""One TCP connection: HTTP requests, or a websocket speaking PROTOCOL.md.
+
+A thin asyncio shell around websockets' sans-I/O `ServerProtocol` (bytes in, frames out,
+no await). An idle socket costs this object, the protocol's parser and the transport: no
+task per connection. Requests that need I/O run as tasks, at most `max_inflight` at a time
+(reading pauses beyond that).
+
+Outgoing data goes straight to the transport. Its buffer is the socket's bounded send
+queue (invariant 6): past `send_buffer_bytes` a fan-out update is not written, its
+subscription gets `resync` instead; past `send_buffer_hard_bytes` the socket is closed 4429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request as HttpRequest
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from server import wsframe
+from server.frames import FrameError, decode
+
+if TYPE_CHECKING:
+    from server.hub import Subscription
+    from server.node import Node
+    from server.session import Session
+
+log = logging.getLogger("taskcast.connection")
+
+SUBPROTOCOL = Subprotocol("taskcast.v1")
+MAX_HTTP_HEAD_BYTES = 16 * 1024
+CLOSE_TIMEOUT_S = 2.0
+
+
+def _select_subprotocol(_: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    # PROTOCOL.md: selected when offered; a client that offers none is still served v1.
+    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+
+
+class Connection(asyncio.Protocol):
+    __slots__ = (
+        "_drained",
+        "closing",
+        "fragments",
+        "fragments_size",
+        "head",
+        "inflight",
+        "last_in",
+        "last_out",
+        "node",
+        "opened_at",
+        "peer",
+        "reading_paused",
+        "session",
+        "transport",
+        "ws",
+    )
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.transport: asyncio.Transport | None = None
+        self.ws: ServerProtocol | None = None
+        self.session: Session | None = None
+        self.head = bytearray()
+        self.fragments: list[bytes] | None = None
+        self.fragments_size = 0
+        self.inflight = 0
+        self.reading_paused = False
+        self.opened_at = self.last_in = self.last_out = time.monotonic()
+        self.closing = False
+        self._drained: asyncio.Event | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        settings = self.node.settings
+        transport.set_write_buffer_limits(high=settings.send_buffer_bytes // 2,
+                                          low=settings.send_buffer_bytes // 8)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_in = time.monotonic()
+        if self.ws is None:
+            self._receive_http(data)
+            return
+        self.ws.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        if self.ws is not None:
+            self.ws.receive_eof()
+            self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None:
+            self.session.closed()
+        self.node.forget(self)
+        if self._drained is not None:
+            self._drained.set()
+
+    def pause_writing(self) -> None:
+        self._drained = asyncio.Event()
+
+    def resume_writing(self) -> None:
+        if self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
+    # HTTP, then the websocket handshake
+
+    def _receive_http(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.head += data
+        end = self.head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.head) > MAX_HTTP_HEAD_BYTES:
+                self._http_error(431, b"request header too large")
+            return
+        request_line = bytes(self.head[:self.head.find(b"\r\n")])
+        parts = request_line.split(b" ")
+        if len(parts) != 3:
+            self._http_error(400, b"bad request line")
+            return
+        method, target, _ = parts
+        path = target.split(b"?", 1)[0]
+        if path == b"/ws":
+            self._open_websocket()
+        else:
+            raw_head = bytes(self.head[:end])
+            self.head.clear()
+            self.transport.pause_reading()
+            self.node.spawn(self._serve_http(method.decode("latin-1"), target.decode("latin-1"), raw_head))
+
+    async def _serve_http(self, method: str, target: str, raw_head: bytes) -> None:
+        assert self.transport is not None
+        try:
+            response = await self.node.http.respond(method, target, raw_head)
+        except Exception:
+            log.exception("HTTP request failed")
+            response = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    def _http_error(self, status: int, text: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 %d Error\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, len(text), text))
+        self.transport.close()
+
+    def _open_websocket(self) -> None:
+        settings = self.node.settings
+        self.ws = ws = ServerProtocol(
+            subprotocols=[SUBPROTOCOL], select_subprotocol=_select_subprotocol,
+            max_size=settings.max_frame_bytes,
+            origins=None)
+        ws.receive_data(bytes(self.head))
+        self.head = bytearray()
+        events = ws.events_received()
+        if not events or not isinstance(events[0], HttpRequest):
+            self._flush()
+            return
+        request = events[0]
+        origin = request.headers.get("Origin")
+        if origin is not None and not self.node.auth.origin_allowed(origin):
+            response = ws.reject(403, "origin not allowed\n")
+        else:
+            response = ws.accept(request)
+        ws.send_response(response)
+        self._flush()
+        if ws.state is State.OPEN:
+            from server.session import Session
+
+            self.session = Session(self.node, self)
+            self.node.connections.add(self)
+            self.opened_at = time.monotonic()
+
+    # websocket frames in
+
+    def _process(self) -> None:
+        assert self.ws is not None
+        for event in self.ws.events_received():
+            if not isinstance(event, Frame):
+                continue
+            opcode = event.opcode
+            if opcode is Opcode.TEXT:
+                if event.fin:
+                    self._message(bytes(event.data))
+                else:
+                    self.fragments, self.fragments_size = [bytes(event.data)], len(event.data)
+            elif opcode is Opcode.CONT and self.fragments is not None:
+                self.fragments.append(bytes(event.data))
+                if event.fin:
+                    data, self.fragments = b"".join(self.fragments), None
+                    self._message(data)
+            elif opcode is Opcode.BINARY:
+                self.send({"type": "error", "code": "bad_request", "retryable": False,
+                           "message": "binary messages are not part of the protocol; send JSON text"})
+            elif opcode is Opcode.CONT and self.fragments is None:
+                pass  # the continuation of a binary message
+        self._flush()
+
+    def _message(self, data: bytes) -> None:
+        assert self.session is not None
+        try:
+            request = decode(data)
+        except FrameError as exc:
+            self.session.refuse(exc)
+            return
+        self.session.handle(request)
+
+    # frames out
+
+    def _flush(self) -> None:
+        assert self.ws is not None and self.transport is not None
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                self.transport.write(chunk)
+            else:
+                self.transport.close()  # end of stream: written data is flushed first
+
+    @property
+    def open(self) -> bool:
+        return self.ws is not None and self.ws.state is State.OPEN and not self.closing
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Write one frame (an answer, an error): encoded, framed, written now."""
+        if self.open:
+            assert self.transport is not None
+            self.transport.write(wsframe.text(orjson.dumps(frame)))
+            self.last_out = time.monotonic()
+
+    def write_update(self, sub: Subscription, frame: bytes) -> None:
+        """Write a pre-framed update; a full send buffer makes it a `resync` instead."""
+        if not self.open:
+            return
+        assert self.transport is not None
+        size = self.transport.get_write_buffer_size()
+        if size >= self.node.settings.send_buffer_bytes:
+            self.resync(sub)
+            return
+        self.transport.write(frame)
+        self.last_out = time.monotonic()
+
+    def resync(self, sub: Subscription) -> None:
+        """Stop a subscription that cannot stay gap-free; tell the client where to resume."""
+        assert self.session is not None
+        self.session.drop_subscription(sub)
+        self.node.metrics.resyncs += 1
+        assert self.transport is not None
+        if self.transport.get_write_buffer_size() >= self.node.settings.send_buffer_hard_bytes:
+            self.close(4429, "reader too slow")
+            return
+        from events.ids import encode
+
+        self.send({"type": "resync", "channel": sub.channel, "position": encode(sub.cursor)})
+
+    def may_read(self, scope: str) -> bool:
+        """Whether this socket's principal may receive events of `scope`."""
+        principal = self.session.principal if self.session is not None else None
+        return principal is not None and principal.may(scope)
+
+    def writable(self) -> bool:
+        """Whether the send buffer has room (below the resync threshold)."""
+        return (self.transport is not None
+                and self.transport.get_write_buffer_size() < self.node.settings.send_buffer_bytes)
+
+    async def drained(self) -> None:
+        """Wait until the send buffer is back under its low-water mark."""
+        if self._drained is not None:
+            await self._drained.wait()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake; abort if the peer does not answer in time."""
+        if self.ws is None or self.closing:
+            return
+        self.closing = True
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(code, reason)
+            self._flush()
+        # The peer answers our close frame and the connection ends; if it does not, abort.
+        if self.transport is not None:
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT_S, self.transport.abort)
+
+    # flow control for requests
+
+    def request_started(self) -> None:
+        self.inflight += 1
+        if self.inflight >= self.node.settings.max_inflight and not self.reading_paused:
+            assert self.transport is not None
+            self.transport.pause_reading()
+            self.reading_paused = True
+
+    def request_done(self) -> None:
+        self.inflight -= 1
+        if self.reading_paused and self.inflight < self.node.settings.max_inflight // 2:
+            assert self.transport is not None
+            self.reading_paused = False
+            self.transport.resume_reading()

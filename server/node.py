@@ -1,0 +1,145 @@
+"""A server node: the listener, its sockets, the fan-out hub and the request handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from events.kinds import Kind
+from events.log import EventLog
+from events.projector import Projector
+from server.auth import Auth
+from server.commands import handlers
+from server.connection import Connection
+from server.fanout import Fanout
+from server.http import READY_WITHIN_S, Http, Metrics
+from server.hub import Hub
+from server.session import SessionState
+from server.settings import Settings
+
+log = logging.getLogger("taskcast.node")
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+class Node:
+    def __init__(self, settings: Settings, log_: EventLog, redis: Redis, kinds: Mapping[str, Kind]) -> None:
+        self.settings = settings
+        self.log = log_
+        self.redis = redis
+        self.kinds = dict(kinds)
+        self.auth = Auth(settings.secret, settings.allowed_origins)
+        self.hub = Hub()
+        self.projector = Projector(log_)
+        self.fanout = Fanout(redis, settings.channel, self.hub, log_, self.projector)
+        self.metrics = Metrics()
+        self.http = Http(self)
+        self.handlers = handlers()
+        self.connections: set[Connection] = set()
+        self.server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._all_closed = asyncio.Event()
+
+    def forget(self, conn: Connection) -> None:
+        """A socket ended."""
+        self.connections.discard(conn)
+        if not self.connections:
+            self._all_closed.set()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.log.pool
+
+    async def start(self) -> None:
+        """Start the fan-out and sweeper loops, then accept connections."""
+        self._loops = [asyncio.create_task(self.fanout.run(), name="node.fanout"),
+                       asyncio.create_task(self._sweep(), name="node.sweep")]
+        for loop_task in self._loops:
+            loop_task.add_done_callback(self._loop_died)
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: Connection(self), self.settings.host,
+                                               self.settings.port, backlog=4096)
+        sockets = self.server.sockets
+        if sockets and self.settings.port == 0:
+            self.settings = self.settings.with_(port=sockets[0].getsockname()[1])
+
+    def _loop_died(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("%s died", task.get_name(), exc_info=task.exception())
+
+    async def stop(self) -> None:
+        """Shut down, in order: stop accepting; close every socket with 1001 (clients resume
+        elsewhere with `since`); wait up to SHUTDOWN_GRACE_S for them; abort the rest;
+        cancel and await the loops and the request tasks. Idempotent."""
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.close(1001, "server going away")
+        if self.connections:
+            self._all_closed.clear()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), SHUTDOWN_GRACE_S)
+            except TimeoutError:
+                pass
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        self._loops = []
+        if self.server is not None:
+            await self.server.wait_closed()
+            self.server = None
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a request's coroutine as a task the node owns (cancelled at shutdown)."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def readiness(self) -> dict[str, bool]:
+        """PostgreSQL answers, and relay messages actually arrive here through Redis."""
+        checks = {"postgres": False, "redis": False, "relay_messages": False}
+        try:
+            async with asyncio.timeout(1.0):
+                await self.pool.fetchval("SELECT 1")
+            checks["postgres"] = True
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            pass
+        try:
+            async with asyncio.timeout(1.0):
+                await self.redis.ping()
+            checks["redis"] = True
+        except (RedisError, OSError, TimeoutError):
+            pass
+        checks["relay_messages"] = time.monotonic() - self.fanout.last_message_at < READY_WITHIN_S
+        return checks
+
+    async def _sweep(self) -> None:
+        """Once a second: the hello timeout, the client-silence timeout, server pings."""
+        s = self.settings
+        serial = 0
+        while True:
+            await asyncio.sleep(min(1.0, s.hello_timeout_s / 2, s.heartbeat_s / 2))
+            now = time.monotonic()
+            for conn in list(self.connections):
+                session = conn.session
+                if session is None or conn.closing:
+                    continue
+                if session.state is SessionState.AWAITING_HELLO:
+                    if now - conn.opened_at > s.hello_timeout_s:
+                        conn.close(4408, "no hello")
+                elif now - conn.last_in > 2 * s.heartbeat_s:
+                    conn.close(4408, "client silent")
+                elif now - conn.last_out > s.heartbeat_s:
+                    serial += 1
+                    conn.send({"type": "ping", "id": f"srv-{serial}"})

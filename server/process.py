@@ -1,0 +1,112 @@
+"""One taskcast process: builds the shared parts once and runs the chosen roles.
+
+Roles: `serve` (a gateway node), `relay`, `workers`. `taskcast dev` runs all three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from events import db
+from events.kinds import Kind, builtin
+from events.log import EventLog
+from events.relay import Relay, RelayConfig
+from events.worker import Worker, WorkerConfig
+from server.node import Node
+from server.settings import Settings
+
+log = logging.getLogger("taskcast")
+
+
+def load_kinds(paths: Sequence[str]) -> dict[str, Kind]:
+    """The built-in kinds plus plugins named `package.module:attr` (the attr is the kind,
+    registered under its `kind_name` attribute or its own name). Raises ValueError."""
+    kinds = builtin()
+    for path in paths:
+        module_name, sep, attr = path.partition(":")
+        if not sep:
+            raise ValueError(f"a kind is named package.module:attr, not {path!r}")
+        kind = getattr(importlib.import_module(module_name), attr)
+        kinds[getattr(kind, "kind_name", attr)] = kind
+    return kinds
+
+
+@dataclass
+class Roles:
+    serve: bool = False
+    relay: bool = False
+    workers: int = 0
+
+
+class Process:
+    """The parts of one process. Use `async with Process(...)`, or `run()` until a signal."""
+
+    def __init__(self, settings: Settings, roles: Roles) -> None:
+        self.settings = settings
+        self.roles = roles
+        self.node: Node | None = None
+        self.relay: Relay | None = None
+        self.workers: list[Worker] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Process:
+        s = self.settings
+        kinds = load_kinds(s.kinds)
+        self.pool = await db.create_pool(s.database_url, min_size=1, max_size=20)
+        self.redis = Redis.from_url(s.redis_url)
+        self.log = EventLog(self.pool)
+        if self.roles.relay:
+            self.relay = Relay(s.database_url, self.log, self.redis, RelayConfig(channel=s.channel))
+            self._tasks.append(asyncio.create_task(self.relay.run(), name="relay"))
+        for i in range(self.roles.workers):
+            worker = Worker(s.database_url, self.log, kinds,
+                            WorkerConfig(concurrency=s.worker_concurrency, lease_s=s.lease_s))
+            self.workers.append(worker)
+            self._tasks.append(asyncio.create_task(worker.run(), name=f"worker-{i}"))
+        if self.roles.serve:
+            self.node = Node(s, self.log, self.redis, kinds)
+            await self.node.start()
+            self.settings = self.node.settings
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop, in order: the node (sockets closed with 1001), then the workers (their tasks
+        are cancelled; leases expire and others resume them), then the relay; then Redis
+        and the pool. Idempotent."""
+        if self.node is not None:
+            await self.node.stop()
+            self.node = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if getattr(self, "redis", None) is not None:
+            await self.redis.aclose()
+            self.redis = None  # type: ignore[assignment]
+        if getattr(self, "pool", None) is not None:
+            await self.pool.close()
+            self.pool = None  # type: ignore[assignment]
+
+    async def run_until_signal(self) -> None:
+        """Run until SIGINT or SIGTERM, then stop in order."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with self:
+            watch = [asyncio.create_task(stop.wait())]
+            await asyncio.wait([*watch, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in self._tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.critical("%s died; stopping", task.get_name(), exc_info=task.exception())
+            watch[0].cancel()

@@ -1,0 +1,162 @@
+"""A websocket session: the hello gate, dispatch of requests, its subscriptions.
+
+States: AWAITING_HELLO -> OPEN -> CLOSED. Before `hello` is answered only `ping` is served
+(anything else: `unauthorized`). Requests that need I/O run as tasks owned by the node;
+their answers carry the request's `id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from events.errors import BadRequest, TaskcastError, Unauthorized
+from server.auth import Principal
+from server.frames import FrameError, Request
+
+if TYPE_CHECKING:
+    from server.connection import Connection
+    from server.hub import Subscription
+    from server.node import Node
+
+log = logging.getLogger("taskcast.session")
+
+Handler = Callable[["Session", Request], Awaitable[dict[str, Any] | None]]
+
+
+class SessionState(StrEnum):
+    AWAITING_HELLO = "awaiting_hello"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_ALLOWED = {
+    SessionState.AWAITING_HELLO: {SessionState.OPEN, SessionState.CLOSED},
+    SessionState.OPEN: {SessionState.CLOSED},
+    SessionState.CLOSED: set(),
+}
+
+
+class Session:
+    def __init__(self, node: Node, conn: Connection) -> None:
+        self.node = node
+        self.conn = conn
+        self.state = SessionState.AWAITING_HELLO
+        self.id = "ses_" + secrets.token_hex(8)
+        self.principal: Principal | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.window_start = time.monotonic()
+        self.window_frames = 0
+        self.strikes = 0
+
+    def _to(self, state: SessionState) -> None:
+        if state not in _ALLOWED[self.state]:
+            raise RuntimeError(f"session cannot go from {self.state} to {state}")
+        self.state = state
+
+    # requests
+
+    def refuse(self, exc: FrameError) -> None:
+        self.node.metrics.frames_in += 1
+        self.error(exc.id, "bad_request", str(exc))
+
+    def handle(self, request: Request) -> None:
+        self.node.metrics.frames_in += 1
+        if not self._within_rate():
+            return
+        if request.type == "pong":
+            return
+        if request.type == "ping":
+            self.conn.send({"type": "pong", "id": request.id})
+            return
+        if self.state is SessionState.AWAITING_HELLO and request.type != "hello":
+            self.error(request.id, "unauthorized", "send `hello` first")
+            return
+        if request.type == "hello" and self.state is not SessionState.AWAITING_HELLO:
+            self.error(request.id, "bad_request", "`hello` was answered already")
+            return
+        handler = self.node.handlers[request.type]
+        self.conn.request_started()
+        self.node.spawn(self._run(handler, request))
+
+    async def _run(self, handler: Handler, request: Request) -> None:
+        try:
+            answer = await handler(self, request)
+            if answer is not None:
+                self.conn.send(answer)
+        except TaskcastError as exc:
+            self.error(request.id, exc.code, str(exc), exc.retryable)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed", request.type)
+            self.error(request.id, "internal", "internal error", True)
+        finally:
+            self.conn.request_done()
+
+    def error(self, id_: Any, code: str, message: str, retryable: bool = False) -> None:
+        frame: dict[str, Any] = {"type": "error", "code": code, "message": message,
+                                 "retryable": retryable}
+        if id_ is not None:
+            frame["id"] = id_
+        self.conn.send(frame)
+
+    def _within_rate(self) -> bool:
+        """Frames per second per socket: over the limit, `rate_limited`; three seconds in
+        a row over it, close 4429."""
+        now = time.monotonic()
+        if now - self.window_start >= 1.0:
+            self.strikes = self.strikes + 1 if self.window_frames > self.node.settings.rate_per_s else 0
+            self.window_start, self.window_frames = now, 0
+        self.window_frames += 1
+        if self.window_frames <= self.node.settings.rate_per_s:
+            return True
+        if self.strikes >= 2:
+            self.conn.close(4429, "too many frames")
+        elif self.window_frames == self.node.settings.rate_per_s + 1:
+            self.error(None, "rate_limited", "too many frames; slow down", True)
+        return False
+
+    # hello
+
+    def welcome(self, request: Request, principal: Principal) -> dict[str, Any]:
+        self.principal = principal
+        self._to(SessionState.OPEN)
+        s = self.node.settings
+        return {"type": "welcome", "id": request.id, "session": self.id, "node": s.node_id,
+                "heartbeat_s": s.heartbeat_s,
+                "limits": {"max_frame_bytes": s.max_frame_bytes,
+                           "max_subscriptions": s.max_subscriptions, "rate_per_s": s.rate_per_s}}
+
+    def require_principal(self) -> Principal:
+        if self.principal is None:
+            raise Unauthorized("send `hello` first")
+        return self.principal
+
+    # subscriptions
+
+    def add_subscription(self, sub: Subscription) -> None:
+        old = self.subscriptions.get(sub.channel)
+        if old is not None:
+            self.node.hub.remove(old)
+        elif len(self.subscriptions) >= self.node.settings.max_subscriptions:
+            raise BadRequest(f"at most {self.node.settings.max_subscriptions} subscriptions per socket")
+        self.subscriptions[sub.channel] = sub
+        self.node.hub.add(sub)
+
+    def drop_subscription(self, sub: Subscription) -> None:
+        self.node.hub.remove(sub)
+        if self.subscriptions.get(sub.channel) is sub:
+            del self.subscriptions[sub.channel]
+
+    def closed(self) -> None:
+        if self.state is not SessionState.CLOSED:
+            self._to(SessionState.CLOSED)
+        for sub in list(self.subscriptions.values()):
+            self.node.hub.remove(sub)
+        self.subscriptions.clear()

@@ -1,0 +1,113 @@
+"""`subscribe` and `unsubscribe`: live updates, exact resume with `since`, snapshots.
+
+The subscription is registered first, holding live updates, and only then is the log (or
+the snapshot) read; afterwards the held updates are delivered, skipping what the read
+already covered. Registration-before-read is what makes the hand-over gap-free.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from events.errors import BadRequest, NotFound
+from events.ids import ZERO, Position, TaskId, decode, encode
+from server.frames import Request
+from server.hub import Subscription, frame
+
+if TYPE_CHECKING:
+    from server.session import Session
+
+CATCH_UP_PAGE = 500
+
+
+def parse_channel(channel: str) -> tuple[str, str]:
+    kind, sep, name = channel.partition(":")
+    if channel == "all":
+        return "all", ""
+    if sep and name and kind in ("task", "scope"):
+        return kind, name
+    raise BadRequest(f"unknown channel {channel!r}: use task:<id>, scope:<scope> or all")
+
+
+async def subscribe(session: Session, request: Request) -> None:
+    f = request.fields
+    since = None
+    if f.get("since") is not None:
+        try:
+            since = decode(f["since"])
+        except ValueError:
+            raise BadRequest("`since` is not a position this server gave out") from None
+    await follow(session, f["channel"], since=since, snapshot=bool(f.get("snapshot")), request=request)
+
+
+async def follow(session: Session, channel: str, *, since: Position | None,
+                 snapshot: bool = False, from_start: bool = False,
+                 request: Request | None = None) -> None:
+    """Subscribe this socket to `channel`; see the module docstring."""
+    principal = session.require_principal()
+    kind, name = parse_channel(channel)
+    node = session.node
+    view = None
+    if kind == "task":
+        view = await node.log.view(TaskId(name))
+        if not principal.may(view["scope"]):
+            raise NotFound(f"no task {name}")  # do not reveal tasks of other scopes
+    elif kind == "scope":
+        principal.require(name)
+    if from_start:
+        since = ZERO
+    sub = Subscription(session.conn, channel, since or ZERO)
+    session.add_subscription(sub)
+    answer: dict[str, Any] = {"type": "subscribed", "channel": channel, "recovered": False,
+                              "tasks": []}
+    if request is not None:
+        answer["id"] = request.id
+    try:
+        if since is not None:
+            answer["recovered"] = True
+            answer["position"] = encode(since)
+            session.conn.send(answer)
+            await _catch_up(session, sub, kind, name)
+        elif snapshot and view is not None:
+            sub.floor[TaskId(name)] = view["version"]
+            answer["position"] = view["position"]
+            answer["tasks"] = [view]
+            session.conn.send(answer)
+        else:
+            answer["position"] = encode(node.hub.head)
+            session.conn.send(answer)
+    except BaseException:
+        session.drop_subscription(sub)
+        raise
+    if sub.active:
+        sub.go_live()
+
+
+async def _catch_up(session: Session, sub: Subscription, kind: str, name: str) -> None:
+    """Deliver every event of the channel after the subscription's cursor, from the log."""
+    node = session.node
+    principal = session.require_principal()
+    while sub.active:
+        events = await node.log.read_after(
+            sub.cursor, task=TaskId(name) if kind == "task" else None,
+            scope=name if kind == "scope" else None, limit=CATCH_UP_PAGE)
+        if not events:
+            return
+        for update in await node.projector.updates(events):
+            if kind != "all" or principal.may(update.scope):
+                sub.deliver(update, frame(sub.channel, update))
+            elif update.position > sub.cursor:
+                sub.cursor = update.position
+        if not session.conn.writable():
+            await session.conn.drained()
+        if len(events) < CATCH_UP_PAGE:
+            return
+
+
+async def unsubscribe(session: Session, request: Request) -> dict[str, Any]:
+    channel = request.fields["channel"]
+    sub = session.subscriptions.get(channel)
+    if sub is None:
+        raise NotFound(f"not subscribed to {channel!r}")
+    session.drop_subscription(sub)
+    return {"type": "result", "id": request.id, "data": {"channel": channel}}

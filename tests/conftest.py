@@ -1,0 +1,111 @@
+"""Test harness: real PostgreSQL and Redis, a fresh database per test.
+
+The servers are named by TASKCAST_TEST_DATABASE_URL and TASKCAST_TEST_REDIS_URL (CI sets
+them to the machine's); without them the embedded pair is booted once for the session.
+Each test gets its own database, cloned from a migrated template, and its own Redis
+channel, so tests never see each other's events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from events import db
+from events.log import EventLog
+from events.migrate import migrate
+from server.process import Process, Roles
+from server.settings import Settings
+
+_counter = itertools.count()
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[tuple[str, str]]:
+    """(database url, redis url) of the servers the suite runs against."""
+    database_url = os.environ.get("TASKCAST_TEST_DATABASE_URL")
+    redis_url = os.environ.get("TASKCAST_TEST_REDIS_URL")
+    if database_url and redis_url:
+        yield database_url, redis_url
+        return
+    from server.embedded import EmbeddedPair
+
+    with tempfile.TemporaryDirectory(prefix="taskcast-test-") as root, EmbeddedPair(Path(root)) as pair:
+        yield database_url or pair[0], redis_url or pair[1]
+
+
+@pytest.fixture(scope="session")
+async def template(servers: tuple[str, str]) -> AsyncIterator[str]:
+    """A migrated template database; its name."""
+    admin = servers[0]
+    name = f"taskcast_tpl_{os.getpid()}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        await migrate(_with_database(admin, name))
+        yield name
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def database_url(servers: tuple[str, str], template: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test."""
+    admin = servers[0]
+    name = f"taskcast_t_{os.getpid()}_{next(_counter)}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        yield _with_database(admin, name)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def redis_url(servers: tuple[str, str]) -> str:
+    return servers[1]
+
+
+@pytest.fixture
+def settings(database_url: str, redis_url: str) -> Settings:
+    """Settings for a process of this test: its own database and Redis channel, a free port."""
+    return Settings(database_url=database_url, redis_url=redis_url, port=0, node_id="test-node",
+                    channel=f"taskcast:test:{os.getpid()}:{next(_counter)}")
+
+
+@pytest.fixture
+async def event_log(database_url: str) -> AsyncIterator[EventLog]:
+    pool = await db.create_pool(database_url, max_size=20)
+    try:
+        yield EventLog(pool)
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def taskcast(settings: Settings) -> AsyncIterator[Process]:
+    """A whole taskcast process (server, relay, two workers) on a free port."""
+    async with Process(settings, Roles(serve=True, relay=True, workers=2)) as process:
+        assert process.relay is not None
+        await asyncio.wait_for(process.relay.leading.wait(), 10)
+        yield process
+
+
+def ws_url(process: Process) -> str:
+    return f"ws://127.0.0.1:{process.settings.port}/ws"

@@ -55,15 +55,17 @@ def translate() -> Iterator[None]:
     """Turn asyncpg and socket errors into taskcast errors."""
     try:
         yield
-    except asyncpg.RaiseError as exc:
-        kind = _RAISED.get(exc.sqlstate or "")
-        if kind is None:
-            raise errors.Internal(str(exc)) from exc
-        raise kind(str(exc)) from exc
     except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
             asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
             asyncpg.AdminShutdownError, TimeoutError) as exc:
         raise errors.Unavailable(f"PostgreSQL is unavailable: {exc}") from exc
+    except asyncpg.PostgresError as exc:
+        # Our SQL functions raise with their own SQLSTATEs (TC...); asyncpg reports those
+        # as UnknownPostgresError.
+        kind = _RAISED.get(getattr(exc, "sqlstate", None) or "")
+        if kind is None:
+            raise
+        raise kind(exc.args[0] if exc.args else str(exc)) from exc
 
 
 @asynccontextmanager

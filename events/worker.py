@@ -68,7 +68,7 @@ class Worker:
                 continue
             try:
                 lost = asyncio.Event()
-                conn.add_termination_listener(lambda *_: lost.set())
+                conn.add_termination_listener(lambda *_, lost=lost: lost.set())
                 await conn.add_listener("taskcast_jobs", lambda *_: self._wake.set())
                 while not conn.is_closed():
                     try:

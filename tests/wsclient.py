@@ -16,6 +16,7 @@ class Client:
     def __init__(self, ws: ClientConnection) -> None:
         self.ws = ws
         self.next_id = 0
+        self.backlog: list[dict[str, Any]] = []  # frames skipped while awaiting an answer
 
     @classmethod
     async def open(cls, url: str, *, hello: bool = True, token: str | None = None) -> Client:
@@ -42,12 +43,22 @@ class Client:
         self.next_id += 1
         frame = {**frame, "id": self.next_id}
         await self.send(frame)
-        return await self.until(lambda f: f.get("id") == self.next_id
-                                and f["type"] not in ("update", "ping"), within)
+        wanted = self.next_id
+        async with asyncio.timeout(within):
+            while True:
+                answer = await self.recv(within)
+                if answer.get("id") == wanted and answer["type"] not in ("update", "ping"):
+                    return answer
+                self.backlog.append(answer)
 
     async def until(self, match: Callable[[dict[str, Any]], bool],
                     within: float = DEADLINE_S) -> dict[str, Any]:
-        """The first frame that matches, within `timeout` seconds."""
+        """The first frame that matches, within `within` seconds (frames skipped by
+        `request` are looked at first)."""
+        while self.backlog:
+            frame = self.backlog.pop(0)
+            if match(frame):
+                return frame
         async with asyncio.timeout(within):
             while True:
                 frame = await self.recv(within)

@@ -1,0 +1,124 @@
+"""Invariant 1: Redis is only the fast path; a node fills what Redis lost from the log."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from events.log import EventLog
+from events.relay import Relay, RelayConfig
+from server.process import Process, Roles
+from server.settings import Settings
+from tests.conftest import ws_url
+from tests.wsclient import Client
+
+
+async def _lossy_proxy(redis_url: str, source: str, target: str, drop_every: int,
+                       ready: asyncio.Event) -> None:
+    """Forward relay messages from `source` to `target`, dropping every `drop_every`-th."""
+    redis = Redis.from_url(redis_url)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(source)
+    ready.set()
+    n = 0
+    try:
+        async for message in pubsub.listen():
+            n += 1
+            if n % drop_every:
+                await redis.publish(target, message["data"])
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
+@pytest.fixture
+async def lossy(settings: Settings) -> AsyncIterator[Process]:
+    """A node behind a Redis hop that loses every third relay message."""
+    node_settings = settings.with_(channel=settings.channel + ":lossy")
+    ready = asyncio.Event()
+    proxy = asyncio.create_task(_lossy_proxy(settings.redis_url, settings.channel,
+                                             node_settings.channel, 3, ready))
+    await ready.wait()
+    async with Process(node_settings, Roles(serve=True, workers=2)) as process:
+        relay = Relay(settings.database_url, process.log, process.redis,
+                      RelayConfig(channel=settings.channel))
+        relaying = asyncio.create_task(relay.run())
+        try:
+            yield process
+        finally:
+            relaying.cancel()
+            proxy.cancel()
+            await asyncio.gather(relaying, proxy, return_exceptions=True)
+
+
+async def test_subscribers_get_every_version_in_order_when_redis_drops_messages(lossy: Process) -> None:
+    """With a third of the relay's messages lost, every subscriber still receives every
+    version of every task, in order, once."""
+    client = await Client.open(ws_url(lossy))
+    subscribed = await client.request({"type": "subscribe", "channel": "scope:project:7"})
+    assert subscribed["type"] == "subscribed"
+    tasks = []
+    for _ in range(6):
+        ack = await client.request({"type": "create", "kind": "demo", "scope": "project:7",
+                                    "input": {"steps": 4, "step_ms": 10}})
+        tasks.append(ack["task"])
+    versions: dict[str, list[int]] = defaultdict(list)
+    finished: set[str] = set()
+
+    def record(frame: dict[str, Any]) -> bool:
+        if frame["type"] == "update":
+            versions[frame["event"]["task"]].append(frame["event"]["version"])
+            if frame["event"]["type"] == "task.completed":
+                finished.add(frame["event"]["task"])
+        return finished == set(tasks)
+
+    await client.until(record, within=30)
+    for task in tasks:
+        assert versions[task] == list(range(1, len(versions[task]) + 1)), task
+    assert lossy.node is not None and lossy.node.fanout.gaps_filled > 0
+    await client.close()
+
+
+async def test_a_lost_last_message_is_noticed_by_the_relay_heartbeat(settings: Settings,
+                                                                     event_log: EventLog) -> None:
+    """When the last message before a quiet spell is lost, the relay's heartbeat names a head
+    the node has not reached, and the node fills the gap without any new event."""
+    node_settings = settings.with_(channel=settings.channel + ":node")
+    async with Process(node_settings, Roles(serve=True)) as process:
+        assert process.node is not None
+        client = await Client.open(ws_url(process))
+        ack = await client.request({"type": "create", "kind": "demo", "scope": "s", "input": {},
+                                    "subscribe": True})
+        # The relay publishes to a channel nobody forwards, except for heartbeats: the
+        # task.created message is lost; its heartbeat arrives through the node's channel.
+        relay = Relay(settings.database_url, event_log, process.redis,
+                      RelayConfig(channel=settings.channel, heartbeat_s=0.2))
+        relaying = asyncio.create_task(relay.run())
+        forward = asyncio.create_task(_forward_heartbeats(settings, node_settings.channel))
+        try:
+            update = await client.until(lambda f: f["type"] == "update", within=10)
+            assert update["event"]["version"] == 1 and update["event"]["task"] == ack["task"]
+            assert process.node.fanout.gaps_filled >= 1
+        finally:
+            for task in (relaying, forward):
+                task.cancel()
+            await asyncio.gather(relaying, forward, return_exceptions=True)
+            await client.close()
+
+
+async def _forward_heartbeats(settings: Settings, target: str) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(settings.channel)
+    try:
+        async for message in pubsub.listen():
+            if b'"events":[]' in message["data"]:
+                await redis.publish(target, message["data"])
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()

@@ -42,6 +42,8 @@ def created_view(task: TaskId, data: dict[str, Any], at: str) -> View:
         "cancel_requested": False,
         "created_at": at,
         "updated_at": at,
+        "deadline_from": at,  # timeout_s counts from here (the start of the current run)
+        "answers": {},
         "version": 1,
         "position": None,
     }
@@ -148,6 +150,7 @@ def _question(view: View, data: dict[str, Any], at: str) -> None:
 
 def _answered(view: View, data: dict[str, Any], at: str) -> None:
     view["questions"] = [q for q in view["questions"] if q["id"] != data["question"]]
+    view["answers"] = {**view.get("answers", {}), data["question"]: data["answer"]}
 
 
 def _cancel_requested(view: View, data: dict[str, Any], at: str) -> None:
@@ -158,6 +161,8 @@ def _retrying(view: View, data: dict[str, Any], at: str) -> None:
     view["attempt"] = data["attempt"]
     view["error"] = None
     view["cancel_requested"] = False
+    view["deadline_from"] = at
+    view.pop("ended_at", None)
 
 
 def _completed(view: View, data: dict[str, Any], at: str) -> None:

@@ -16,6 +16,7 @@ import asyncpg
 
 from events import db
 from events.clock import Clock, SystemClock, iso
+from events.decide import Decision
 from events.errors import DuplicateKey, NotFound, VersionConflict
 from events.fold import View, apply, created_view
 from events.ids import ZERO, FenceToken, Position, TaskId, encode, new_task_id, position, split
@@ -45,6 +46,7 @@ class CreateTask:
     depends_on: list[str] = field(default_factory=list)
     timeout_s: float | None = None
     priority: int = 0
+    mutex: str | None = None  # jobs with the same mutex run one at a time
 
     def data(self) -> dict[str, Any]:
         """The `task.created` event's data."""
@@ -83,7 +85,7 @@ class EventLog:
                 async with db.acquire(self.pool) as conn:
                     row = await conn.fetchrow(
                         q("create"), task, spec.kind, spec.scope, view["status"], view,
-                        spec.labels, spec.priority, data, now, job_state, principal, key)
+                        spec.labels, spec.priority, data, now, job_state, spec.mutex, principal, key)
             except DuplicateKey:
                 continue  # a concurrent command with the same key won; read its ack
             assert row is not None
@@ -118,13 +120,15 @@ class EventLog:
         new["position"] = encode(stored[-1].position)
         return new, stored
 
-    async def command(self, task: TaskId, decide: Callable[[View], Sequence[NewEvent]], *,
+    async def command(self, task: TaskId, decide: Callable[[View], Decision], *,
                       principal: str = "", key: str | None = None,
-                      job_state: Callable[[View], str | None] | None = None) -> Ack:
-        """Run a command against a task's current view: `decide(view)` returns the events to
-        append (it raises a Conflict to refuse). Retries when the task moved concurrently.
+                      check: Callable[[View], None] | None = None) -> Ack:
+        """Run a command against a task's current view: `decide(view)` says what to append
+        (it raises Conflict to refuse). Retries when the task moved concurrently. `check`
+        runs on the view first (authorization).
 
         With a `key` already used by `principal`, returns the first ack, duplicate=True.
+        Raises NotFound, Conflict, Unavailable.
         """
         for _ in range(COMMAND_ATTEMPTS):
             if key is not None:
@@ -132,11 +136,13 @@ class EventLog:
                 if first is not None:
                     return first
             view = await self.view(task)
-            events = decide(view)
+            if check is not None:
+                check(view)
+            decision = decide(view)
             try:
                 new, stored = await self.append(
-                    task, view, events, principal=principal, key=key,
-                    job_state=job_state(view) if job_state else None)
+                    task, view, decision.events, principal=principal, key=key,
+                    job_state=decision.job_state)
             except (VersionConflict, DuplicateKey):
                 continue
             return Ack(task, new["status"], stored[-1].position)

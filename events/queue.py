@@ -31,11 +31,12 @@ class Queue:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def claim(self, owner: str, kinds: Sequence[str], *, limit: int, lease_s: float) -> list[Claim]:
+    async def claim(self, owner: str, kinds: Sequence[str], *, limit: int, lease_s: float,
+                    scope_limit: int | None = None) -> list[Claim]:
         """Lease up to `limit` runnable jobs of `kinds` (SKIP LOCKED: claimers never wait
-        on each other). Raises Unavailable."""
+        on each other), at most `scope_limit` running per scope. Raises Unavailable."""
         async with db.acquire(self.pool) as conn:
-            rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s)
+            rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s, scope_limit)
         return [Claim(TaskId(r["task_id"]), FenceToken(r["fence"]), r["attempt"],
                       r["cancel_requested"], r["view"]) for r in rows]
 

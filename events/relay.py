@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events import db
+from events.aio import wait_event
 from events.errors import Unavailable
 from events.ids import position, split
 from events.log import EventLog
@@ -103,10 +104,7 @@ class Relay:
                 await conn.execute(q("save_relay_cursor"), *split(cursor))
                 saved, last_save = cursor, now
             timeout = min(self.config.poll_s, self.config.heartbeat_s - (now - last_publish))
-            try:
-                await asyncio.wait_for(wake.wait(), max(timeout, 0.001))
-            except TimeoutError:
-                pass
+            await wait_event(wake, max(timeout, 0.001))
         raise Unavailable("the relay's leadership connection closed")
 
     async def _publish(self, message: bytes) -> None:

@@ -1,24 +1,40 @@
-"""Running one claimed task: the context a kind's code sees, checkpoints, heartbeats.
+"""Running one claimed task: the context a kind's code sees, checkpoints, heartbeats,
+cancellation, timeouts, questions and retries.
 
-A kind is `async def kind(ctx: TaskContext) -> result`. It runs its work as named steps,
-`await ctx.step(name, fn)`; each finished step is a durable checkpoint (its result is in
-the `step.completed` event), so after a crash the next claim skips it and returns the
-recorded result (invariant 5). Progress and output are buffered and written in batches,
-never an event per line.
+A kind's `run(ctx)` does its work as named steps, `await ctx.step(name, fn)`; each finished
+step is a durable checkpoint (its result is in the `step.completed` event), so a later
+claim skips it and gets the recorded result (invariant 5). Progress and output are
+buffered and written in batches, never an event per line.
 
 Every write carries the claim's fencing token; the first write or heartbeat that finds the
-lease lost stops the task at once (invariant 3).
+lease lost stops the task at once, writing nothing more (invariant 3).
+
+How a run ends:
+- `run` returns: `task.completed`.
+- it raises StepError(retryable) with attempts left: `task.retrying`, requeued after a
+  backoff with jitter; any other error: `task.failed`.
+- cancel requested (or the deadline passed): the step is signalled (`ctx.cancelled`), the
+  run gets `cancel_grace_s` to stop by itself, then it is aborted; the kind's cleanup runs;
+  then `task.cancelled` (or `task.timed_out`).
+- `ctx.ask` with no recorded answer: `task.question`; the job is parked, holding no
+  worker and no lease, until `answer` requeues it. The answer is then replayed.
+- the lease is lost: nothing more is written; another worker resumes the task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from events.errors import StaleFence, TaskcastError, VersionConflict
 from events.fold import View
+from events.ids import FenceToken, TaskId
+from events.kinds import KindSpec
 from events.log import EventLog
 from events.model import EventType, NewEvent, Status
 from events.queue import Claim, Queue
@@ -27,17 +43,28 @@ log = logging.getLogger("taskcast.runtime")
 T = TypeVar("T")
 E = EventType
 
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+
 
 class LeaseLost(Exception):
     """The worker no longer owns the task; it must stop and write nothing."""
 
 
 class StepError(Exception):
-    """Raised by a step to fail it with a message. `retryable` steps may run again."""
+    """Raised by a step to fail it with a message. A `retryable` one may run again."""
 
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class TaskCancelled(Exception):
+    """Raised inside a kind when it looks at cancellation (`ctx.check_cancelled`)."""
+
+
+class _Parked(Exception):
+    """The task asked a question and is parked until it is answered."""
 
 
 class TaskContext:
@@ -47,29 +74,50 @@ class TaskContext:
         self.log = log_
         self.task = claim.task
         self.fence = claim.fence
+        self.attempt = claim.view.get("attempt", 1)
         self.worker = worker
         self.view: View = claim.view
         self.input: dict[str, Any] = claim.view.get("input") or {}
         self.cancelled = asyncio.Event()
         self.flush_s = flush_s
-        self._step: str | None = None
+        self.step_name: str | None = None
         self._total: int | None = None
+        self._questions = 0
         self._pending_progress: NewEvent | None = None
         self._pending_lines: list[str] = []
         self._write_lock = asyncio.Lock()
         self._flusher: asyncio.TimerHandle | None = None
+        if claim.cancel_requested or claim.view.get("cancel_requested"):
+            self.cancelled.set()
+
+    # the API kinds use
 
     def plan(self, steps: int) -> None:
         """Say how many steps the task has, so the view's overall progress means something."""
         self._total = steps
 
+    def check_cancelled(self) -> None:
+        """Raise TaskCancelled when a cancel was requested."""
+        if self.cancelled.is_set():
+            raise TaskCancelled()
+
+    def result_of(self, name: str) -> Any:
+        """The recorded result of a completed step (None when it did not complete)."""
+        for step in self.view["steps"]:
+            if step["name"] == name and step["status"] == "completed":
+                return step.get("result")
+        return None
+
+    def completed(self, name: str) -> bool:
+        return any(s["name"] == name and s["status"] == "completed" for s in self.view["steps"])
+
     async def step(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn` as the step `name`, unless a previous run completed it: then return the
         result it recorded. Raises what `fn` raises, after recording `step.failed`."""
-        for done in self.view["steps"]:
-            if done["name"] == name and done["status"] == "completed":
-                return done.get("result")  # type: ignore[no-any-return]
-        self._step = name
+        if self.completed(name):
+            return self.result_of(name)  # type: ignore[no-any-return]
+        self.check_cancelled()
+        self.step_name = name
         started: dict[str, Any] = {"step": name}
         if self._total is not None:
             started["steps_total"] = self._total
@@ -80,7 +128,7 @@ class TaskContext:
             await self.write([NewEvent(E.STEP_FAILED, {"step": name, "error": str(exc),
                                                        "retryable": exc.retryable})])
             raise
-        except (LeaseLost, asyncio.CancelledError):
+        except (LeaseLost, _Parked, TaskCancelled, asyncio.CancelledError):
             raise
         except Exception as exc:
             await self.write([NewEvent(E.STEP_FAILED, {"step": name, "error": _message(exc),
@@ -90,14 +138,14 @@ class TaskContext:
         if result is not None:
             completed["result"] = result
         await self.write([NewEvent(E.STEP_COMPLETED, completed)])
-        self._step = None
+        self.step_name = None
         return result
 
     def progress(self, fraction: float, message: str | None = None) -> None:
         """Report the current step's progress (0..1). Buffered: only the latest is written."""
-        if self._step is None:
+        if self.step_name is None:
             raise RuntimeError("progress() outside a step")
-        data: dict[str, Any] = {"step": self._step, "progress": max(0.0, min(1.0, fraction))}
+        data: dict[str, Any] = {"step": self.step_name, "progress": max(0.0, min(1.0, fraction))}
         if message is not None:
             data["message"] = message
         self._pending_progress = NewEvent(E.STEP_PROGRESS, data)
@@ -105,21 +153,41 @@ class TaskContext:
 
     def output(self, lines: list[str]) -> None:
         """Append lines to the current step's output. Buffered and written in batches."""
-        if self._step is None:
+        if self.step_name is None:
             raise RuntimeError("output() outside a step")
         self._pending_lines.extend(lines)
         self._schedule_flush()
 
+    async def ask(self, type_: str, prompt: str, *, options: list[str] | None = None) -> Any:
+        """Ask a question and return its answer. The first time, this parks the task (no
+        worker or lease is held while it waits); once answered, the task runs again and the
+        recorded answer is returned here: a question is never asked twice."""
+        self._questions += 1
+        question = f"q_{self._questions}"
+        answers = self.view.get("answers") or {}
+        if question in answers:
+            return answers[question]
+        data: dict[str, Any] = {"question": question, "type": type_, "prompt": prompt}
+        if options is not None:
+            data["options"] = options
+        await self.write([NewEvent(E.TASK_QUESTION, data)], job_state="parked")
+        raise _Parked(question)
+
+    # writing
+
     def _schedule_flush(self) -> None:
         if self._flusher is None:
             loop = asyncio.get_running_loop()
-            self._flusher = loop.call_later(self.flush_s, lambda: loop.create_task(self.flush()))
+            self._flusher = loop.call_later(self.flush_s, lambda: loop.create_task(self._flush_quietly()))
 
-    async def flush(self) -> None:
-        """Write buffered progress and output now."""
-        await self.write([])
+    async def _flush_quietly(self) -> None:
+        try:
+            await self.write([])
+        except (LeaseLost, TaskcastError) as exc:
+            log.debug("flush of %s failed: %s", self.task, exc)
 
-    async def write(self, events: list[NewEvent], *, job_state: str | None = None) -> None:
+    async def write(self, events: list[NewEvent], *, job_state: str | None = None,
+                    run_at: datetime | None = None) -> None:
         """Append buffered progress/output, then `events`, in one transaction.
 
         Raises LeaseLost when the fence is stale (nothing was written).
@@ -129,9 +197,9 @@ class TaskContext:
                 self._flusher.cancel()
                 self._flusher = None
             batch: list[NewEvent] = []
-            if self._pending_lines and self._step is not None:
-                batch.append(NewEvent(E.STEP_OUTPUT, {"step": self._step, "lines": self._pending_lines}))
-            if self._pending_progress is not None:
+            if self._pending_lines and self.step_name is not None:
+                batch.append(NewEvent(E.STEP_OUTPUT, {"step": self.step_name, "lines": self._pending_lines}))
+            if self._pending_progress is not None and self.step_name is not None:
                 batch.append(self._pending_progress)
             self._pending_lines, self._pending_progress = [], None
             batch.extend(events)
@@ -139,55 +207,157 @@ class TaskContext:
                 return
             while True:
                 try:
-                    self.view, _ = await self.log.append(
-                        self.task, self.view, batch, fence=self.fence, job_state=job_state)
+                    self.view, _ = await self.log.append(self.task, self.view, batch, fence=self.fence,
+                                                         job_state=job_state, run_at=run_at)
                     return
                 except StaleFence as exc:
                     raise LeaseLost(str(exc)) from exc
                 except VersionConflict:
-                    # A command (cancel, answer) appended meanwhile: fold on top of it.
+                    # A command (cancel) appended meanwhile: fold on top of it.
                     self.view = await self.log.view(self.task)
+                    if self.view.get("cancel_requested"):
+                        self.cancelled.set()
 
 
 def _message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: Callable[[TaskContext], Awaitable[Any]],
-                    *, worker: str, lease_s: float) -> None:
-    """Run a claimed task to its end (or until its lease is lost), heartbeating meanwhile."""
+def backoff_s(attempt: int) -> float:
+    """Exponential backoff with full jitter for the `attempt`-th retry."""
+    return random.uniform(0, min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1)))
+
+
+def deadline(view: View) -> float | None:
+    """Seconds left before the task's timeout, or None without one."""
+    timeout_s = view.get("timeout_s")
+    if timeout_s is None:
+        return None
+    start = datetime.fromisoformat(view["deadline_from"].replace("Z", "+00:00"))
+    return (start + timedelta(seconds=timeout_s) - datetime.now(UTC)).total_seconds()
+
+
+async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: KindSpec, *, worker: str,
+                    lease_s: float, cancel_grace_s: float = 5.0,
+                    on_context: Callable[[TaskContext | None], None] | None = None) -> Status | None:
+    """Run a claimed task until its run ends (or its lease is lost). Returns the terminal
+    status it wrote, or None (parked, retrying, lease lost)."""
     ctx = TaskContext(log_, claim, worker=worker)
-
-    async def heartbeat() -> None:
-        while True:
-            await asyncio.sleep(lease_s / 3)
-            flag = await queue.heartbeat(ctx.task, ctx.fence, lease_s)
-            if flag is None:
-                raise LeaseLost(f"lease of {ctx.task} lost")
-            if flag:
-                ctx.cancelled.set()
-
-    async def body() -> None:
-        if Status(ctx.view["status"]) in (Status.QUEUED, Status.RETRYING):
-            await ctx.write([NewEvent(E.TASK_STARTED, {"worker": worker, "attempt": claim.attempt})])
-        try:
-            result = await kind(ctx)
-        except (LeaseLost, asyncio.CancelledError):
-            raise
-        except Exception as exc:
-            failed: dict[str, Any] = {"error": _message(exc)}
-            if ctx._step is not None:
-                failed["step"] = ctx._step
-            if not isinstance(exc, StepError | TaskcastError):
-                log.exception("task %s failed", ctx.task)
-            await ctx.write([NewEvent(E.TASK_FAILED, failed)], job_state="done")
-            return
-        await ctx.write([NewEvent(E.TASK_COMPLETED, {"result": result})], job_state="done")
-
+    if on_context is not None:
+        on_context(ctx)
     try:
-        async with asyncio.TaskGroup() as tg:
-            main = tg.create_task(body())
-            beat = tg.create_task(heartbeat())
-            main.add_done_callback(lambda _: beat.cancel())
-    except* LeaseLost as group:
-        log.warning("stopped %s: %s", ctx.task, group.exceptions[0])
+        return await _run(ctx, queue, kind, lease_s, cancel_grace_s)
+    except LeaseLost as exc:
+        log.warning("stopped %s: %s", ctx.task, exc)
+        return None
+    finally:
+        if on_context is not None:
+            on_context(None)
+
+
+async def _run(ctx: TaskContext, queue: Queue, kind: KindSpec, lease_s: float,
+               cancel_grace_s: float) -> Status | None:
+    if Status(ctx.view["status"]) in (Status.QUEUED, Status.RETRYING):
+        await ctx.write([NewEvent(E.TASK_STARTED, {"worker": ctx.worker, "attempt": ctx.attempt})])
+    timed_out = asyncio.Event()
+    left = deadline(ctx.view)
+    timer = None
+    if left is not None:
+        def expire() -> None:
+            timed_out.set()
+            ctx.cancelled.set()
+
+        timer = asyncio.get_running_loop().call_later(max(left, 0), expire)
+    main = asyncio.create_task(kind.run(ctx), name=f"{kind.name} {ctx.task}")
+    beat = asyncio.create_task(_heartbeat(ctx, queue, lease_s), name=f"heartbeat {ctx.task}")
+    stop = asyncio.create_task(ctx.cancelled.wait())
+    try:
+        await asyncio.wait({main, beat, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if beat.done():
+            beat.result()  # raises LeaseLost
+        if stop.done() and not main.done():
+            # Cancel (or timeout): the step was signalled through ctx.cancelled; give it a
+            # grace period to stop by itself, then abort it.
+            await asyncio.wait({main, beat}, timeout=cancel_grace_s, return_when=asyncio.FIRST_COMPLETED)
+            if beat.done():
+                beat.result()
+            if not main.done():
+                main.cancel()
+            await asyncio.gather(main, return_exceptions=True)
+        if ctx.cancelled.is_set():
+            if kind.cleanup is not None:
+                await _cleanup(ctx, kind)
+            if timed_out.is_set():
+                await ctx.write([NewEvent(E.TASK_TIMED_OUT, {"reason": "timeout"})], job_state="done")
+                return Status.TIMED_OUT
+            reason = ctx.view.get("error") or "cancelled"
+            await ctx.write([NewEvent(E.TASK_CANCELLED, {"reason": reason})], job_state="done")
+            return Status.CANCELLED
+        return await _finish(ctx, kind, main)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for task in (main, beat, stop):
+            task.cancel()
+        await asyncio.gather(main, beat, stop, return_exceptions=True)
+
+
+async def _finish(ctx: TaskContext, kind: KindSpec, main: asyncio.Task[Any]) -> Status | None:
+    exc = main.exception()
+    if exc is None:
+        await ctx.write([NewEvent(E.TASK_COMPLETED, {"result": main.result()})], job_state="done")
+        return Status.COMPLETED
+    if isinstance(exc, _Parked):
+        return None
+    if isinstance(exc, LeaseLost):
+        raise exc
+    if isinstance(exc, StepError) and exc.retryable and ctx.attempt < kind.max_attempts:
+        delay = backoff_s(ctx.attempt)
+        await ctx.write([NewEvent(E.TASK_RETRYING, {"attempt": ctx.attempt + 1, "delay_s": round(delay, 3),
+                                                    "reason": str(exc)})],
+                        job_state="queued", run_at=datetime.now(UTC) + timedelta(seconds=delay))
+        return None
+    failed: dict[str, Any] = {"error": _message(exc)}
+    if ctx.step_name is not None:
+        failed["step"] = ctx.step_name
+    if not isinstance(exc, StepError | TaskcastError):
+        log.error("task %s failed", ctx.task, exc_info=exc)
+    await ctx.write([NewEvent(E.TASK_FAILED, failed)], job_state="done")
+    return Status.FAILED
+
+
+async def _cleanup(ctx: TaskContext, kind: KindSpec) -> None:
+    assert kind.cleanup is not None
+    try:
+        async with asyncio.timeout(30):
+            await kind.cleanup(ctx)
+    except Exception:
+        log.exception("cleanup of %s failed", ctx.task)
+
+
+async def cleanup_abandoned(log_: EventLog, view: View, kind: KindSpec, *, worker: str) -> None:
+    """Run a kind's cleanup for a task whose worker is gone. The context holds no lease
+    (fence 0), so the cleanup can write nothing to the task."""
+    if kind.cleanup is None:
+        return
+    claim = Claim(TaskId(view["id"]), FenceToken(0), view.get("attempt", 1), True, view)
+    await _cleanup(TaskContext(log_, claim, worker=worker), kind)
+
+
+async def _heartbeat(ctx: TaskContext, queue: Queue, lease_s: float) -> None:
+    """Extend the lease every third of it; bring back the cancel flag. Raises LeaseLost."""
+    last_ok = time.monotonic()
+    while True:
+        await asyncio.sleep(lease_s / 3)
+        try:
+            flag = await queue.heartbeat(ctx.task, ctx.fence, lease_s)
+        except TaskcastError as exc:
+            log.warning("heartbeat of %s failed: %s", ctx.task, exc)
+            if time.monotonic() - last_ok > lease_s:
+                raise LeaseLost("heartbeats failed for longer than the lease") from exc
+            continue
+        last_ok = time.monotonic()
+        if flag is None:
+            raise LeaseLost(f"lease of {ctx.task} lost")
+        if flag:
+            ctx.cancelled.set()

@@ -1,9 +1,12 @@
 """The worker: claims jobs and runs them, up to `concurrency` at a time.
 
-Three named loops, watched by one TaskGroup (a loop that dies stops the worker):
-- `listen`: LISTEN taskcast_jobs; a notification only wakes the claimer (a hint, coalesced);
-- `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth);
-- `rescue`: re-queues jobs whose lease expired, so nothing stays `running` forever.
+Named loops, watched by one TaskGroup (a loop that dies stops the worker):
+- `listen`: LISTEN taskcast_jobs and taskcast_cancel. A job notification only wakes the
+  claimer (a coalesced hint); a cancel notification reaches the task's context at once.
+- `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth).
+- `maintain`: re-queues jobs whose lease expired (nothing stays `running` forever), times
+  out tasks past their deadline whose worker died, and settles waiting tasks whose
+  dependencies ended (in case the worker that ended them died before doing it).
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from events import db
-from events.errors import Unavailable
-from events.kinds import Kind
+from events import db, decide, deps
+from events.aio import wait_event
+from events.errors import Conflict, NotFound, TaskcastError, Unavailable
+from events.ids import TaskId
+from events.kinds import KindSpec
 from events.log import EventLog
-from events.queue import Queue
-from events.runtime import run_claim
+from events.model import Status
+from events.queue import Claim, Queue
+from events.runtime import TaskContext, cleanup_abandoned, run_claim
+from events.sql import q
 
 log = logging.getLogger("taskcast.worker")
 
@@ -30,11 +37,13 @@ class WorkerConfig:
     concurrency: int = 8
     lease_s: float = 30.0
     poll_s: float = 1.0
-    rescue_every_s: float = 5.0
+    maintain_every_s: float = 2.0
+    cancel_grace_s: float = 5.0
+    scope_limit: int | None = None  # running tasks per scope, across all workers
 
 
 class Worker:
-    def __init__(self, database_url: str, log_: EventLog, kinds: Mapping[str, Kind],
+    def __init__(self, database_url: str, log_: EventLog, kinds: Mapping[str, KindSpec],
                  config: WorkerConfig, *, name: str | None = None) -> None:
         self.database_url = database_url
         self.log = log_
@@ -44,7 +53,9 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._wake = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+        self._contexts: dict[TaskId, TaskContext] = {}
         self._slot_free = asyncio.Event()
+        self.listening = asyncio.Event()
 
     async def run(self) -> None:
         """Run until cancelled; on cancel, running tasks are cancelled and awaited (their
@@ -53,11 +64,16 @@ class Worker:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._listen(), name="worker.listen")
                 tg.create_task(self._claim_loop(), name="worker.claim")
-                tg.create_task(self._rescue_loop(), name="worker.rescue")
+                tg.create_task(self._maintain_loop(), name="worker.maintain")
         finally:
             for task in list(self._running):
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
+
+    def _on_cancel(self, payload: str) -> None:
+        ctx = self._contexts.get(TaskId(payload))
+        if ctx is not None:
+            ctx.cancelled.set()
 
     async def _listen(self) -> None:
         while True:
@@ -70,12 +86,15 @@ class Worker:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda *_, lost=lost: lost.set())
                 await conn.add_listener("taskcast_jobs", lambda *_: self._wake.set())
-                while not conn.is_closed():
-                    try:
-                        await asyncio.wait_for(lost.wait(), self.config.poll_s)
-                    except TimeoutError:
-                        pass
+                await conn.add_listener("taskcast_cancel", lambda *args: self._on_cancel(args[3]))
+                self.listening.set()
+                self._wake.set()  # anything enqueued while we were not listening
+                while not conn.is_closed() and not await wait_event(lost, self.config.poll_s):
+                    pass
+            except (OSError, TaskcastError) as exc:
+                log.warning("listener lost: %s", exc)
             finally:
+                self.listening.clear()
                 conn.terminate()
 
     async def _claim_loop(self) -> None:
@@ -88,37 +107,69 @@ class Worker:
             try:
                 claims = await self.queue.claim(
                     self.name, list(self.kinds), limit=self.config.concurrency - len(self._running),
-                    lease_s=self.config.lease_s)
+                    lease_s=self.config.lease_s, scope_limit=self.config.scope_limit)
             except Unavailable as exc:
                 log.warning("cannot claim: %s", exc)
                 claims = []
             for claim in claims:
-                kind = self.kinds[claim.view["kind"]]
-                task = asyncio.create_task(
-                    run_claim(self.log, self.queue, claim, kind, worker=self.name,
-                              lease_s=self.config.lease_s), name=f"run {claim.task}")
+                task = asyncio.create_task(self._execute(claim), name=f"run {claim.task}")
                 self._running.add(task)
                 task.add_done_callback(self._finished)
             if claims:
                 continue  # there may be more
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.config.poll_s)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, self.config.poll_s)
+
+    async def _execute(self, claim: Claim) -> None:
+        kind = self.kinds[claim.view["kind"]]
+
+        def track(ctx: TaskContext | None) -> None:
+            if ctx is None:
+                self._contexts.pop(claim.task, None)
+            else:
+                self._contexts[claim.task] = ctx
+
+        status = await run_claim(self.log, self.queue, claim, kind, worker=self.name,
+                                 lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
+                                 on_context=track)
+        if status is not None and status.terminal:
+            await deps.release(self.log, claim.task)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._slot_free.set()
+        self._wake.set()  # a scope or mutex slot may have opened
         if not task.cancelled() and task.exception() is not None:
             log.error("task runner crashed", exc_info=task.exception())
 
-    async def _rescue_loop(self) -> None:
+    async def _maintain_loop(self) -> None:
         while True:
             try:
-                rescued = await self.queue.rescue()
-                if rescued:
-                    log.info("re-queued %d task(s) whose lease expired", len(rescued))
-                    self._wake.set()
-            except Unavailable as exc:
-                log.warning("cannot rescue: %s", exc)
-            await asyncio.sleep(self.config.rescue_every_s)
+                await self.maintain()
+            except TaskcastError as exc:
+                log.warning("maintenance failed: %s", exc)
+            await asyncio.sleep(self.config.maintain_every_s)
+
+    async def maintain(self) -> None:
+        """One round of rescue, timeouts and dependency settling."""
+        if await self.queue.rescue():
+            self._wake.set()
+        async with db.acquire(self.log.pool) as conn:
+            expired = [TaskId(r["id"]) for r in await conn.fetch(q("expired_deadlines"), 100)]
+            waiting = [TaskId(r["id"]) for r in await conn.fetch(q("waiting_tasks"), 500)]
+        for task in expired:
+            await self._time_out(task)
+        for task in waiting:
+            if await deps.settle(self.log, task) is Status.FAILED:
+                await deps.release(self.log, task)
+
+    async def _time_out(self, task: TaskId) -> None:
+        """Time out a task whose worker is gone (a live worker times out its own tasks)."""
+        view = await self.log.view(task)
+        kind = self.kinds.get(view["kind"])
+        if kind is not None:
+            await cleanup_abandoned(self.log, view, kind, worker=self.name)
+        try:
+            await self.log.command(task, decide.time_out)
+        except (Conflict, NotFound):
+            return
+        await deps.release(self.log, task)

@@ -47,10 +47,14 @@ CREATE TABLE jobs (
     lease_expires_at  timestamptz,
     fence             bigint NOT NULL DEFAULT 0,
     attempt           integer NOT NULL DEFAULT 0,
-    cancel_requested  boolean NOT NULL DEFAULT false
+    cancel_requested  boolean NOT NULL DEFAULT false,
+    mutex             text  -- jobs sharing a mutex (e.g. one repository) run one at a time
 );
 CREATE INDEX jobs_ready ON jobs (priority DESC, run_at, task_id) WHERE state = 'queued';
 CREATE INDEX jobs_leased ON jobs (lease_expires_at) WHERE state = 'running';
+CREATE INDEX jobs_running_scope ON jobs (scope) WHERE state = 'running';
+CREATE INDEX jobs_running_mutex ON jobs (mutex) WHERE state = 'running' AND mutex IS NOT NULL;
+CREATE INDEX tasks_waiting_on ON tasks USING gin ((view -> 'depends_on')) WHERE status = 'waiting';
 
 -- Idempotency: the first ack of a command, per principal and key, for 24 hours.
 CREATE TABLE command_keys (
@@ -88,7 +92,7 @@ CREATE FUNCTION taskcast_append(
     p_data       jsonb[],
     p_at         timestamptz[],
     p_fence      bigint,      -- NULL: not a worker (a command from the gateway)
-    p_job_state  text,        -- NULL: leave the job row alone
+    p_job_state  text,        -- NULL: leave the job row alone; 'cancel': raise its cancel flag
     p_run_at     timestamptz, -- with p_job_state 'queued': when the job may run
     p_principal  text,        -- with p_key: record the command's ack for idempotency
     p_key        text
@@ -122,13 +126,19 @@ BEGIN
         END IF;
     END IF;
 
-    IF p_job_state IS NOT NULL THEN
+    IF p_job_state = 'cancel' THEN
+        -- The running worker hears of it at once (a hint), or at its next heartbeat.
+        UPDATE jobs AS j SET cancel_requested = true WHERE j.task_id = p_task;
+        PERFORM pg_notify('taskcast_cancel', p_task);
+    ELSIF p_job_state IS NOT NULL THEN
         UPDATE jobs AS j
            SET state = p_job_state,
                run_at = coalesce(p_run_at, now()),
                lease_owner = CASE WHEN p_job_state = 'running' THEN j.lease_owner END,
                lease_expires_at = CASE WHEN p_job_state = 'running' THEN j.lease_expires_at END,
-               fence = CASE WHEN p_job_state = 'running' THEN j.fence ELSE j.fence + 1 END
+               fence = CASE WHEN p_job_state = 'running' THEN j.fence ELSE j.fence + 1 END,
+               cancel_requested = CASE WHEN p_job_state = 'queued' THEN false
+                                       ELSE j.cancel_requested END
          WHERE j.task_id = p_task;
         IF p_job_state = 'queued' THEN
             PERFORM pg_notify('taskcast_jobs', '');
@@ -173,6 +183,7 @@ CREATE FUNCTION taskcast_create(
     p_data       jsonb,
     p_at         timestamptz,
     p_job_state  text,       -- 'queued', or NULL when the task waits for dependencies
+    p_mutex      text,
     p_principal  text,
     p_key        text
 ) RETURNS TABLE (task text, status text, xid xid8, seq bigint, duplicate boolean)
@@ -197,8 +208,8 @@ BEGIN
     VALUES (p_task, 1, p_scope, 'task.created', p_data, p_at)
     RETURNING e.xid, e.seq INTO v_xid, v_seq;
 
-    INSERT INTO jobs (task_id, kind, scope, priority, state)
-    VALUES (p_task, p_kind, p_scope, p_priority, coalesce(p_job_state, 'parked'));
+    INSERT INTO jobs (task_id, kind, scope, priority, state, mutex)
+    VALUES (p_task, p_kind, p_scope, p_priority, coalesce(p_job_state, 'parked'), p_mutex);
     IF p_job_state = 'queued' THEN
         PERFORM pg_notify('taskcast_jobs', '');
     END IF;
@@ -217,5 +228,54 @@ BEGIN
 
     PERFORM pg_notify('taskcast_events', '');
     RETURN QUERY SELECT p_task, p_status, v_xid, v_seq, false;
+END
+$$;
+
+-- Claim up to p_limit runnable jobs: SKIP LOCKED, so claimers never wait on each other.
+-- Fairness is enforced here, under concurrent claims, not by a count read beforehand:
+-- a scope's (or mutex's) running jobs are counted while holding a transaction-level
+-- advisory lock on it, so two claimers cannot both take its last slot. The lock is only
+-- tried: a claimer that finds it busy skips that scope this round (no waiting, no deadlock).
+CREATE FUNCTION taskcast_claim(
+    p_owner        text,
+    p_kinds        text[],
+    p_limit        integer,
+    p_lease_s      double precision,
+    p_scope_limit  integer    -- NULL: no per-scope limit
+) RETURNS TABLE (task_id text, fence bigint, attempt integer, cancel_requested boolean,
+                 view jsonb, version integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    c record;
+    n integer := 0;
+    v_running integer;
+BEGIN
+    FOR c IN
+        SELECT j.task_id, j.scope, j.mutex FROM jobs AS j
+         WHERE j.state = 'queued' AND j.run_at <= now() AND j.kind = ANY (p_kinds)
+         ORDER BY j.priority DESC, j.run_at, j.task_id
+         LIMIT p_limit * 4
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        EXIT WHEN n >= p_limit;
+        IF p_scope_limit IS NOT NULL THEN
+            CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext('taskcast.scope'), hashtext(c.scope));
+            SELECT count(*) INTO v_running FROM jobs AS r WHERE r.scope = c.scope AND r.state = 'running';
+            CONTINUE WHEN v_running >= p_scope_limit;
+        END IF;
+        IF c.mutex IS NOT NULL THEN
+            CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext('taskcast.mutex'), hashtext(c.mutex));
+            CONTINUE WHEN EXISTS (SELECT 1 FROM jobs AS r WHERE r.mutex = c.mutex AND r.state = 'running');
+        END IF;
+        RETURN QUERY
+        UPDATE jobs AS j
+           SET state = 'running', lease_owner = p_owner,
+               lease_expires_at = now() + make_interval(secs => p_lease_s),
+               fence = j.fence + 1, attempt = j.attempt + 1
+          FROM tasks AS t
+         WHERE j.task_id = c.task_id AND t.id = j.task_id
+        RETURNING j.task_id, j.fence, j.attempt, j.cancel_requested, t.view, t.version;
+        n := n + 1;
+    END LOOP;
 END
 $$;

@@ -12,7 +12,8 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from events.kinds import Kind
+from events.aio import wait_event
+from events.kinds import KindSpec
 from events.log import EventLog
 from events.projector import Projector
 from server.auth import Auth
@@ -30,7 +31,8 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 class Node:
-    def __init__(self, settings: Settings, log_: EventLog, redis: Redis, kinds: Mapping[str, Kind]) -> None:
+    def __init__(self, settings: Settings, log_: EventLog, redis: Redis,
+                 kinds: Mapping[str, KindSpec]) -> None:
         self.settings = settings
         self.log = log_
         self.redis = redis
@@ -47,6 +49,22 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._all_closed = asyncio.Event()
+        self._per_principal: dict[str, int] = {}
+
+    def admit(self, principal: str) -> bool:
+        """Count a socket against its principal's limit; False when over it."""
+        count = self._per_principal.get(principal, 0)
+        if count >= self.settings.max_connections_per_principal:
+            return False
+        self._per_principal[principal] = count + 1
+        return True
+
+    def release(self, principal: str) -> None:
+        count = self._per_principal.get(principal, 0) - 1
+        if count > 0:
+            self._per_principal[principal] = count
+        else:
+            self._per_principal.pop(principal, None)
 
     def forget(self, conn: Connection) -> None:
         """A socket ended."""
@@ -85,10 +103,7 @@ class Node:
             conn.close(1001, "server going away")
         if self.connections:
             self._all_closed.clear()
-            try:
-                await asyncio.wait_for(self._all_closed.wait(), SHUTDOWN_GRACE_S)
-            except TimeoutError:
-                pass
+            await wait_event(self._all_closed, SHUTDOWN_GRACE_S)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
@@ -129,6 +144,7 @@ class Node:
         s = self.settings
         serial = 0
         while True:
+            wall = time.time()
             await asyncio.sleep(min(1.0, s.hello_timeout_s / 2, s.heartbeat_s / 2))
             now = time.monotonic()
             for conn in list(self.connections):
@@ -138,6 +154,9 @@ class Node:
                 if session.state is SessionState.AWAITING_HELLO:
                     if now - conn.opened_at > s.hello_timeout_s:
                         conn.close(4408, "no hello")
+                elif session.principal is not None and session.principal.expires_at is not None \
+                        and wall >= session.principal.expires_at:
+                    conn.close(4401, "token expired")
                 elif now - conn.last_in > 2 * s.heartbeat_s:
                     conn.close(4408, "client silent")
                 elif now - conn.last_out > s.heartbeat_s:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from events import db
-from events.kinds import Kind, builtin
+from events.kinds import KindSpec, as_kind, builtin
 from events.log import EventLog
 from events.relay import Relay, RelayConfig
 from events.worker import Worker, WorkerConfig
@@ -25,16 +25,16 @@ from server.settings import Settings
 log = logging.getLogger("taskcast")
 
 
-def load_kinds(paths: Sequence[str]) -> dict[str, Kind]:
-    """The built-in kinds plus plugins named `package.module:attr` (the attr is the kind,
-    registered under its `kind_name` attribute or its own name). Raises ValueError."""
+def load_kinds(paths: Sequence[str]) -> dict[str, KindSpec]:
+    """The built-in kinds plus plugins named `package.module:attr` (a KindSpec, or an async
+    function registered under its attribute name). Raises ValueError, ImportError."""
     kinds = builtin()
     for path in paths:
         module_name, sep, attr = path.partition(":")
         if not sep:
             raise ValueError(f"a kind is named package.module:attr, not {path!r}")
-        kind = getattr(importlib.import_module(module_name), attr)
-        kinds[getattr(kind, "kind_name", attr)] = kind
+        kind = as_kind(attr, getattr(importlib.import_module(module_name), attr))
+        kinds[kind.name] = kind
     return kinds
 
 
@@ -67,7 +67,8 @@ class Process:
             self._tasks.append(asyncio.create_task(self.relay.run(), name="relay"))
         for i in range(self.roles.workers):
             worker = Worker(s.database_url, self.log, kinds,
-                            WorkerConfig(concurrency=s.worker_concurrency, lease_s=s.lease_s))
+                            WorkerConfig(concurrency=s.worker_concurrency, lease_s=s.lease_s,
+                                         cancel_grace_s=s.cancel_grace_s, scope_limit=s.scope_limit))
             self.workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(), name=f"worker-{i}"))
         if self.roles.serve:

@@ -155,6 +155,8 @@ class Session:
             del self.subscriptions[sub.channel]
 
     def closed(self) -> None:
+        if self.state is SessionState.OPEN and self.principal is not None:
+            self.node.release(self.principal.name)
         if self.state is not SessionState.CLOSED:
             self._to(SessionState.CLOSED)
         for sub in list(self.subscriptions.values()):

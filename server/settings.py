@@ -33,6 +33,8 @@ class Settings:
     workers: int = 2
     worker_concurrency: int = 8
     lease_s: float = 30.0
+    cancel_grace_s: float = 5.0
+    scope_limit: int | None = None  # running tasks per scope (TASKCAST_SCOPE_LIMIT)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> Settings:
@@ -49,6 +51,8 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         "allowed_origins": tuple(o for o in env.get("TASKCAST_ALLOWED_ORIGINS", "").split(",") if o),
         "kinds": tuple(k for k in env.get("TASKCAST_KINDS", "").split(",") if k),
     }
+    if env.get("TASKCAST_SCOPE_LIMIT"):
+        values["scope_limit"] = int(env["TASKCAST_SCOPE_LIMIT"])
     if "TASKCAST_CHANNEL" in env:
         values["channel"] = env["TASKCAST_CHANNEL"]
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from events.errors import BadRequest, NotFound
 from events.ids import ZERO, Position, TaskId, decode, encode
+from events.tasks import MAX_LIST, TaskQuery, list_tasks
 from server.frames import Request
 from server.hub import Subscription, frame
 
@@ -50,8 +51,7 @@ async def follow(session: Session, channel: str, *, since: Position | None,
     view = None
     if kind == "task":
         view = await node.log.view(TaskId(name))
-        if not principal.may(view["scope"]):
-            raise NotFound(f"no task {name}")  # do not reveal tasks of other scopes
+        principal.require(view["scope"])
     elif kind == "scope":
         principal.require(name)
     if from_start:
@@ -68,10 +68,17 @@ async def follow(session: Session, channel: str, *, since: Position | None,
             answer["position"] = encode(since)
             session.conn.send(answer)
             await _catch_up(session, sub, kind, name)
-        elif snapshot and view is not None:
-            sub.floor[TaskId(name)] = view["version"]
-            answer["position"] = view["position"]
-            answer["tasks"] = [view]
+        elif snapshot:
+            if view is not None:
+                views, answer["position"] = [view], view["position"]
+            else:
+                page = await list_tasks(node.pool, TaskQuery(
+                    scope=name or None, limit=MAX_LIST,
+                    scope_patterns=None if "*" in principal.scopes else principal.scopes))
+                views, answer["position"] = page.tasks, encode(page.position)
+            # Live updates the snapshot already contains are skipped, per task, by version.
+            sub.floor.update({TaskId(v["id"]): v["version"] for v in views})
+            answer["tasks"] = views
             session.conn.send(answer)
         else:
             answer["position"] = encode(node.hub.head)

@@ -12,7 +12,8 @@ import asyncio
 import itertools
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -109,3 +110,20 @@ async def taskcast(settings: Settings) -> AsyncIterator[Process]:
 
 def ws_url(process: Process) -> str:
     return f"ws://127.0.0.1:{process.settings.port}/ws"
+
+
+@pytest.fixture
+async def launch(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[Process]]]:
+    """Start processes with changed settings: `await launch(rate_per_s=5, workers=0)`."""
+    stack = AsyncExitStack()
+
+    async def start(*, workers: int = 2, relay: bool = True, **changes: object) -> Process:
+        process = await stack.enter_async_context(
+            Process(settings.with_(**changes), Roles(serve=True, relay=relay, workers=workers)))
+        if relay:
+            assert process.relay is not None
+            await asyncio.wait_for(process.relay.leading.wait(), 10)
+        return process
+
+    async with stack:
+        yield start

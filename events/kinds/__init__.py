@@ -1,17 +1,45 @@
-"""Task kinds: async workflows of named steps. See `events.runtime.TaskContext` for the API."""
+"""Task kinds: async workflows of named steps. See `events.runtime.TaskContext` for the API.
+
+A kind is a `KindSpec`: its `run(ctx)` coroutine, an optional `cleanup(ctx)` run after a
+cancel or timeout, how many attempts a retryable failure gets, and an optional `mutex`
+(jobs with the same one, e.g. one repository, run one at a time). Plugins are registered
+by import path (`TASKCAST_KINDS=package.module:attr`); the attr is a KindSpec or a bare
+`async def attr(ctx)`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from events.runtime import TaskContext
+if TYPE_CHECKING:
+    from events.runtime import TaskContext
 
-Kind = Callable[[TaskContext], Awaitable[Any]]
+Run = Callable[["TaskContext"], Coroutine[Any, Any, Any]]
+Cleanup = Callable[["TaskContext"], Awaitable[None]]
 
 
-def builtin() -> dict[str, Kind]:
+@dataclass(frozen=True)
+class KindSpec:
+    name: str
+    run: Run
+    cleanup: Cleanup | None = None
+    max_attempts: int = 3
+    mutex: Callable[[dict[str, Any]], str | None] | None = None
+
+
+def as_kind(name: str, obj: object) -> KindSpec:
+    """A KindSpec from a plugin's attribute. Raises TypeError."""
+    if isinstance(obj, KindSpec):
+        return obj
+    if callable(obj):
+        return KindSpec(name, obj)
+    raise TypeError(f"{name} is neither a KindSpec nor an async function")
+
+
+def builtin() -> dict[str, KindSpec]:
     """The kinds that ship with taskcast, by name."""
-    from events.kinds.demo import demo
+    from events.kinds.demo import DEMO
 
-    return {"demo": demo}
+    return {k.name: k for k in (DEMO,)}

@@ -1,4 +1,9 @@
-"""`demo`: N steps of M ms each, reporting progress. For demos, tests and benchmarks."""
+"""`demo`: N steps of M ms each, reporting progress. For demos, tests and benchmarks.
+
+Input: {"steps": N, "step_ms": M, "fail_step": k, "ask_step": k}. `fail_step` makes step k
+fail once (retryable); `ask_step` asks a command_approval question before step k, and
+"deny" fails the task.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,43 @@ import asyncio
 from typing import Any
 
 from events.errors import BadRequest
-from events.runtime import TaskContext
+from events.kinds import KindSpec
+from events.runtime import StepError, TaskContext
 
 
-async def demo(ctx: TaskContext) -> dict[str, Any]:
-    steps = ctx.input.get("steps", 3)
-    step_ms = ctx.input.get("step_ms", 100)
-    if not isinstance(steps, int) or not 0 <= steps <= 1000:
-        raise BadRequest("demo: steps must be an int in 0..1000")
-    if not isinstance(step_ms, int | float) or not 0 <= step_ms <= 3_600_000:
-        raise BadRequest("demo: step_ms must be a number of milliseconds")
+def _int(input_: dict[str, Any], name: str, default: int | None, high: int) -> int | None:
+    value = input_.get(name, default)
+    if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
+                              or not 0 <= value <= high):
+        raise BadRequest(f"demo: {name} must be a number in 0..{high}")
+    return None if value is None else int(value)
+
+
+async def run(ctx: TaskContext) -> dict[str, Any]:
+    steps = _int(ctx.input, "steps", 3, 1000) or 0
+    step_ms = _int(ctx.input, "step_ms", 100, 3_600_000) or 0
+    fail_step = _int(ctx.input, "fail_step", None, 1000)
+    ask_step = _int(ctx.input, "ask_step", None, 1000)
     ctx.plan(steps)
 
     for i in range(1, steps + 1):
+        if i == ask_step:
+            choice = await ctx.ask("command_approval", f"Run step {i}?", options=["approve", "deny"])
+            if choice != "approve":
+                raise StepError(f"step {i} was denied")
+
         async def work(i: int = i) -> int:
             if step_ms:
                 await asyncio.sleep(step_ms / 2000)
             ctx.progress(0.5, f"step {i} half done")
+            if i == fail_step and ctx.attempt == 1:
+                raise StepError(f"step {i} failed on purpose", retryable=True)
             if step_ms:
                 await asyncio.sleep(step_ms / 2000)
             return i
 
         await ctx.step(f"step_{i}", work)
     return {"steps": steps}
+
+
+DEMO = KindSpec("demo", run, max_attempts=3)

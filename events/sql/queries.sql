@@ -60,7 +60,7 @@ SELECT xid, seq, version
 
 -- name: create
 SELECT task, status, xid, seq, duplicate
-  FROM taskcast_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12);
+  FROM taskcast_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13);
 
 -- name: command_key
 SELECT k.task_id, k.status, k.xid, k.seq
@@ -68,21 +68,8 @@ SELECT k.task_id, k.status, k.xid, k.seq
  WHERE k.principal = $1 AND k.key = $2 AND k.created_at >= now() - interval '24 hours';
 
 -- name: claim
-WITH next AS (
-    SELECT j.task_id
-      FROM jobs AS j
-     WHERE j.state = 'queued' AND j.run_at <= now() AND j.kind = ANY ($2::text[])
-     ORDER BY j.priority DESC, j.run_at, j.task_id
-     LIMIT $3
-       FOR UPDATE SKIP LOCKED
-)
-UPDATE jobs AS j
-   SET state = 'running', lease_owner = $1,
-       lease_expires_at = now() + make_interval(secs => $4),
-       fence = j.fence + 1, attempt = j.attempt + 1
-  FROM next, tasks AS t
- WHERE j.task_id = next.task_id AND t.id = j.task_id
-RETURNING j.task_id, j.fence, j.attempt, j.cancel_requested, t.view, t.version;
+SELECT task_id, fence, attempt, cancel_requested, view, version
+  FROM taskcast_claim($1, $2, $3, $4, $5);
 
 -- name: heartbeat
 UPDATE jobs AS j
@@ -106,3 +93,36 @@ SELECT xid, seq FROM relay_cursor;
 INSERT INTO relay_cursor (id, xid, seq) VALUES (true, $1, $2)
 ON CONFLICT (id) DO UPDATE SET xid = excluded.xid, seq = excluded.seq
  WHERE (relay_cursor.xid, relay_cursor.seq) < (excluded.xid, excluded.seq);
+
+-- name: list_tasks
+-- Newest first. $5: the principal's scope patterns as LIKE patterns (NULL: every scope).
+SELECT t.id, t.view, t.created_at, e.xid, e.seq
+  FROM tasks AS t
+  LEFT JOIN events AS e ON e.task_id = t.id AND e.version = t.version
+ WHERE ($1::text IS NULL OR t.scope = $1)
+   AND ($2::text[] IS NULL OR t.status = ANY ($2))
+   AND ($3::text IS NULL OR t.kind = $3)
+   AND ($4::text IS NULL OR $4 = ANY (t.labels))
+   AND ($5::text[] IS NULL OR t.scope LIKE ANY ($5))
+   AND ($6::timestamptz IS NULL OR (t.created_at, t.id) < ($6, $7::text))
+ ORDER BY t.created_at DESC, t.id DESC
+ LIMIT $8;
+
+-- name: dependency_statuses
+SELECT t.id, t.status FROM tasks AS t WHERE t.id = ANY ($1::text[]);
+
+-- name: waiting_on
+SELECT t.id FROM tasks AS t WHERE t.status = 'waiting' AND t.view -> 'depends_on' ? $1;
+
+-- name: waiting_tasks
+SELECT t.id FROM tasks AS t WHERE t.status = 'waiting' ORDER BY t.created_at LIMIT $1;
+
+-- name: expired_deadlines
+-- Active tasks past their timeout whose job nobody holds a live lease on.
+SELECT t.id FROM tasks AS t JOIN jobs AS j ON j.task_id = t.id
+ WHERE t.status IN ('queued', 'running', 'retrying', 'waiting_answer', 'waiting')
+   AND (t.view ->> 'timeout_s') IS NOT NULL
+   AND (t.view ->> 'deadline_from')::timestamptz
+       + make_interval(secs => (t.view ->> 'timeout_s')::double precision) < now()
+   AND (j.state <> 'running' OR j.lease_expires_at < now())
+ LIMIT $1;

@@ -23,7 +23,7 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
     finally:
         await conn.close()
     assert tables == {"tasks", "events", "jobs", "command_keys", "relay_cursor", "taskcast_migrations"}
-    assert functions == {"taskcast_append", "taskcast_create"}
+    assert functions == {"taskcast_append", "taskcast_create", "taskcast_claim"}
     assert columns["xid"] == "xid8" and columns["data"] == "jsonb"
 
 

@@ -1,0 +1,117 @@
+"""Shared by the benchmarks: the servers, a scratch database, tasks to append to, percentiles."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from events.fold import View
+from events.ids import TaskId
+from events.log import CreateTask, EventLog
+from events.migrate import migrate
+from events.model import EventType, NewEvent
+
+ADMIN_URL = os.environ.get("TASKCAST_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TASKCAST_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+BUDGET_S = 58.0  # every script stops (and cleans up) within this
+STEP_NAMES = 8  # steps per task: views stay small however many events a task gets
+CYCLE = 10  # step.started, 8 x step.progress, step.completed
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+
+@asynccontextmanager
+async def scratch_database(label: str) -> AsyncIterator[str]:
+    """A fresh, migrated database `bench_<label>_<pid>_<random>`; dropped on exit. Its url."""
+    name = unique(f"bench_{label}")
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            url = urlunsplit(urlsplit(ADMIN_URL)._replace(path="/" + name))
+            await migrate(url)
+            yield url
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def describe_postgres(url: str) -> str:
+    conn = await asyncpg.connect(url)
+    try:
+        version = await conn.fetchval("SHOW server_version")
+        sync = await conn.fetchval("SHOW synchronous_commit")
+        fsync = await conn.fetchval("SHOW fsync")
+    finally:
+        await conn.close()
+    return f"PostgreSQL {version} (synchronous_commit={sync}, fsync={fsync})"
+
+
+@dataclass
+class StepTask:
+    """A running task and its current view; appends legal step events to it forever."""
+
+    id: TaskId
+    view: View
+    appended: int = 0
+
+    def next_event(self) -> NewEvent:
+        """The next event of the cycle step.started, 8 x step.progress, step.completed."""
+        i = self.appended % CYCLE
+        step = f"step-{self.appended // CYCLE % STEP_NAMES}"
+        if i == 0:
+            return NewEvent(EventType.STEP_STARTED, {"step": step})
+        if i == CYCLE - 1:
+            return NewEvent(EventType.STEP_COMPLETED, {"step": step})
+        return NewEvent(EventType.STEP_PROGRESS, {"step": step, "progress": i / CYCLE})
+
+    def batch(self, size: int) -> list[NewEvent]:
+        """One step.started, then size - 1 step.progress of that step."""
+        step = f"step-{self.appended // size % STEP_NAMES}"
+        return [NewEvent(EventType.STEP_STARTED, {"step": step}),
+                *(NewEvent(EventType.STEP_PROGRESS, {"step": step, "progress": k / size})
+                  for k in range(1, size))]
+
+    async def append(self, log: EventLog, events: Sequence[NewEvent]) -> None:
+        self.view, _ = await log.append(self.id, self.view, events)
+        self.appended += len(events)
+
+
+async def running_tasks(log: EventLog, count: int, *, concurrency: int = 16) -> list[StepTask]:
+    """`count` tasks of kind demo, scope bench, each created and then started."""
+    spec = CreateTask(kind="demo", scope="bench")
+    tasks: list[StepTask] = []
+
+    async def make(n: int) -> None:
+        for _ in range(n):
+            ack = await log.create(spec)
+            view, _ = await log.append(ack.task, await log.view(ack.task),
+                                       [NewEvent(EventType.TASK_STARTED, {})])
+            tasks.append(StepTask(ack.task, view))
+
+    share, extra = divmod(count, concurrency)
+    await asyncio.gather(*(make(share + (i < extra)) for i in range(concurrency)))
+    return tasks
+
+
+def percentile(ordered: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of an ascending sequence."""
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def latency_line(seconds: Sequence[float]) -> str:
+    """p50/p90/p99/max (and min) in milliseconds."""
+    ms = sorted(s * 1000 for s in seconds)
+    return (f"p50 {percentile(ms, 50):.2f} ms  p90 {percentile(ms, 90):.2f} ms  "
+            f"p99 {percentile(ms, 99):.2f} ms  max {ms[-1]:.2f} ms  min {ms[0]:.2f} ms  (n={len(ms)})")

@@ -35,14 +35,13 @@ async def measure(log: EventLog, tasks: list[StepTask], make: Make) -> float:
     deadline = time.perf_counter() + DURATION_S
 
     async def worker(mine: list[StepTask]) -> int:
-        appended = 0
-        for task in itertools.cycle(mine):
-            if time.perf_counter() >= deadline:
-                return appended
+        appended, turns = 0, itertools.cycle(mine)
+        while time.perf_counter() < deadline:
+            task = next(turns)
             events = make(task)
             await task.append(log, events)
             appended += len(events)
-        raise AssertionError("unreachable")
+        return appended
 
     started = time.perf_counter()
     counts = await asyncio.gather(*(worker(tasks[i::CONCURRENCY]) for i in range(CONCURRENCY)))

@@ -13,12 +13,18 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     `asyncio.timeout` keeps the cancellation. A cancellation some library swallowed (the
     task is still marked cancelling) is honoured here, so no loop outlives its cancel.
     """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
+    raise_if_cancelling()
     try:
         async with asyncio.timeout(timeout_s):
             await event.wait()
     except TimeoutError:
         return event.is_set()
     return True
+
+
+def raise_if_cancelling() -> None:
+    """Raise CancelledError if this task's cancellation was requested but swallowed (some
+    libraries' awaits, redis-py's pub/sub among them, can eat it)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()

@@ -84,11 +84,19 @@ class Relay:
         row = await conn.fetchrow(q("relay_cursor"))
         cursor = position(row["xid"], row["seq"]) if row else await self.log.head()
         saved, last_publish, last_save = cursor, 0.0, time.monotonic()
+        # A notification whose events are not readable yet (an older transaction, in any
+        # database of the server, holds the snapshot's xmin back) is retried quickly, with
+        # a doubling delay, instead of waiting for the next poll.
+        notified, misses = False, 0
         self.leading.set()
         while not conn.is_closed():
             wake.clear()
             events = await self.log.read_after(cursor, limit=self.config.batch_events)
             now = time.monotonic()
+            if events:
+                misses = 0
+            elif notified or misses:
+                misses += 1
             if events:
                 updates = await self.projector.updates(events)
                 await self._publish(encode_batch(cursor, updates))
@@ -104,7 +112,12 @@ class Relay:
                 await conn.execute(q("save_relay_cursor"), *split(cursor))
                 saved, last_save = cursor, now
             timeout = min(self.config.poll_s, self.config.heartbeat_s - (now - last_publish))
-            await wait_event(wake, max(timeout, 0.001))
+            if misses:
+                retry_s = 0.001 * 2 ** misses
+                if retry_s > self.config.poll_s:
+                    misses = 0
+                timeout = min(timeout, retry_s)
+            notified = await wait_event(wake, max(timeout, 0.001))
         raise Unavailable("the relay's leadership connection closed")
 
     async def _publish(self, message: bytes) -> None:

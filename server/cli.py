@@ -118,16 +118,13 @@ def dev(settings: Settings, data_dir: Path, workers: int) -> int:
                                       redis_url=settings.redis_url or redis_url)
         _migrate(settings)
 
+        def ready(process: Process) -> None:
+            s = process.settings
+            print(f"taskcast is running: http://{s.host}:{s.port}/ (websocket: ws://{s.host}:{s.port}/ws); "
+                  "Ctrl-C stops", flush=True)
+
         async def go() -> None:
-            process = Process(settings, Roles(serve=True, relay=True, workers=workers))
-            stop_printed = asyncio.get_running_loop().call_later(
-                0.5, lambda: print(f"taskcast is running: http://{settings.host}:{settings.port}/ "
-                                   f"(websocket: ws://{settings.host}:{settings.port}/ws); "
-                                   "Ctrl-C stops", flush=True))
-            try:
-                await process.run_until_signal()
-            finally:
-                stop_printed.cancel()
+            await Process(settings, Roles(serve=True, relay=True, workers=workers)).run_until_signal(ready)
 
         _run(go())
     print("taskcast stopped; data kept in", data_dir)

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 from websockets.frames import Frame, Opcode
@@ -81,10 +81,11 @@ class Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses; they have its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        self.node.transports.add(self.transport)
         settings = self.node.settings
-        transport.set_write_buffer_limits(high=settings.send_buffer_bytes // 2,
+        self.transport.set_write_buffer_limits(high=settings.send_buffer_bytes // 2,
                                           low=settings.send_buffer_bytes // 8)
 
     def data_received(self, data: bytes) -> None:
@@ -102,6 +103,8 @@ class Connection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.node.transports.discard(self.transport)
         if self.session is not None:
             self.session.closed()
         self.node.forget(self)

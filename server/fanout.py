@@ -14,6 +14,7 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from events.aio import raise_if_cancelling
 from events.errors import Unavailable
 from events.ids import Position
 from events.log import EventLog
@@ -48,8 +49,10 @@ class Fanout:
             try:
                 await pubsub.subscribe(self.channel)
                 delay = 0.05
-                async for message in pubsub.listen():
-                    if message["type"] == "message":
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    raise_if_cancelling()
+                    if message is not None and message["type"] == "message":
                         await self.consume(message["data"])
             except (RedisError, OSError) as exc:
                 log.warning("Redis subscription lost, reconnecting: %s", exc)

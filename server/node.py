@@ -44,11 +44,13 @@ class Node:
         self.metrics = Metrics()
         self.http = Http(self)
         self.handlers = handlers()
-        self.connections: set[Connection] = set()
+        self.connections: set[Connection] = set()  # open websocket sessions
+        self.transports: set[asyncio.Transport] = set()  # every TCP connection, HTTP included
         self.server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._all_closed = asyncio.Event()
+        self.failed = asyncio.Event()  # a background loop died: the process should stop
         self._per_principal: dict[str, int] = {}
 
     def admit(self, principal: str) -> bool:
@@ -91,12 +93,14 @@ class Node:
 
     def _loop_died(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            log.critical("%s died", task.get_name(), exc_info=task.exception())
+            log.critical("%s died; the node stops", task.get_name(), exc_info=task.exception())
+            self.failed.set()
 
     async def stop(self) -> None:
         """Shut down, in order: stop accepting; close every socket with 1001 (clients resume
-        elsewhere with `since`); wait up to SHUTDOWN_GRACE_S for them; abort the rest;
-        cancel and await the loops and the request tasks. Idempotent."""
+        elsewhere with `since`); wait up to SHUTDOWN_GRACE_S for them; abort every connection
+        left (HTTP and unfinished handshakes too); cancel and await the loops and the request
+        tasks; wait (time-boxed) for the listener to close. Idempotent."""
         if self.server is not None:
             self.server.close()
         for conn in list(self.connections):
@@ -104,15 +108,18 @@ class Node:
         if self.connections:
             self._all_closed.clear()
             await wait_event(self._all_closed, SHUTDOWN_GRACE_S)
-        for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+        for transport in list(self.transports):
+            transport.abort()
         for task in [*self._loops, *self._tasks]:
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
         self._loops = []
         if self.server is not None:
-            await self.server.wait_closed()
+            try:
+                async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                    await self.server.wait_closed()
+            except TimeoutError:
+                log.warning("the listener did not close in time")
             self.server = None
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:

@@ -9,8 +9,9 @@ import asyncio
 import importlib
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -36,6 +37,19 @@ def load_kinds(paths: Sequence[str]) -> dict[str, KindSpec]:
         kind = as_kind(attr, getattr(importlib.import_module(module_name), attr))
         kinds[kind.name] = kind
     return kinds
+
+
+def dump_tasks() -> None:
+    """Log every asyncio task and where it waits (SIGUSR1): for a process that will not stop."""
+    for task in asyncio.all_tasks():
+        frames = []
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        log.warning("task %s:\n  %s", task.get_name(), "\n  ".join(frames) or repr(task))
 
 
 @dataclass
@@ -98,16 +112,22 @@ class Process:
             await self.pool.close()
             self.pool = None  # type: ignore[assignment]
 
-    async def run_until_signal(self) -> None:
-        """Run until SIGINT or SIGTERM, then stop in order."""
+    async def run_until_signal(self, on_ready: Callable[[Process], None] | None = None) -> None:
+        """Run until SIGINT or SIGTERM (or until a role's loop dies), then stop in order."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         async with self:
-            watch = [asyncio.create_task(stop.wait())]
+            if on_ready is not None:
+                on_ready(self)
+            watch: list[asyncio.Task[Any]] = [asyncio.create_task(stop.wait())]
+            if self.node is not None:
+                watch.append(asyncio.create_task(self.node.failed.wait()))
             await asyncio.wait([*watch, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in self._tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     log.critical("%s died; stopping", task.get_name(), exc_info=task.exception())
-            watch[0].cancel()
+            for task in watch:
+                task.cancel()

@@ -67,7 +67,7 @@ class Session:
 
     def handle(self, request: Request) -> None:
         self.node.metrics.frames_in += 1
-        if not self._within_rate():
+        if not self._within_rate(request):
             return
         if request.type == "pong":
             return
@@ -106,9 +106,10 @@ class Session:
             frame["id"] = id_
         self.conn.send(frame)
 
-    def _within_rate(self) -> bool:
-        """Frames per second per socket: over the limit, `rate_limited`; three seconds in
-        a row over it, close 4429."""
+    def _within_rate(self, request: Request) -> bool:
+        """Frames per second per socket: over the limit, each frame is refused with
+        `rate_limited` (so a client waiting on an id is answered); over it again in the
+        next seconds, close 4429."""
         now = time.monotonic()
         if now - self.window_start >= 1.0:
             self.strikes = self.strikes + 1 if self.window_frames > self.node.settings.rate_per_s else 0
@@ -118,8 +119,9 @@ class Session:
             return True
         if self.strikes >= 2:
             self.conn.close(4429, "too many frames")
-        elif self.window_frames == self.node.settings.rate_per_s + 1:
-            self.error(None, "rate_limited", "too many frames; slow down", True)
+        elif request.id is not None or self.window_frames == self.node.settings.rate_per_s + 1:
+            self.error(request.id, "rate_limited",
+                       f"more than {self.node.settings.rate_per_s} frames per second; slow down", True)
         return False
 
     # hello

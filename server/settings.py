@@ -22,7 +22,7 @@ class Settings:
     # limits (PROTOCOL.md: welcome.limits)
     max_frame_bytes: int = 256 * 1024
     max_subscriptions: int = 100
-    rate_per_s: int = 200
+    rate_per_s: int = 1000
     max_connections_per_principal: int = 1000
     hello_timeout_s: float = 10.0
     heartbeat_s: float = 25.0

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import uvloop
 
 from events import db
 from events.log import EventLog
@@ -27,6 +28,11 @@ from server.process import Process, Roles
 from server.settings import Settings
 
 _counter = itertools.count()
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Tests run on uvloop, as taskcast does (its transports differ from asyncio's)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def _with_database(url: str, name: str) -> str:

@@ -174,8 +174,9 @@ async def test_retry_reruns_a_cancelled_task_to_completion(launch: Launch) -> No
     ack = await client.request({"type": "create", "kind": "demo", "scope": "p",
                                 "input": {"steps": 2, "step_ms": 1}, "depends_on": ["tsk_never"]})
     assert ack["status"] == "waiting"
-    await client.request({"type": "cancel", "task": ack["task"]})
-    sub = await client.request({"type": "subscribe", "channel": f"task:{ack['task']}"})
+    cancelled = await client.request({"type": "cancel", "task": ack["task"]})
+    sub = await client.request({"type": "subscribe", "channel": f"task:{ack['task']}",
+                                "since": cancelled["position"]})
     assert sub["type"] == "subscribed"
     retried = await client.request({"type": "retry", "task": ack["task"]})
     assert retried["type"] == "ack" and retried["status"] == "retrying"

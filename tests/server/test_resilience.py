@@ -22,7 +22,7 @@ from server.embedded import EmbeddedPostgres, restart_postgres, start_postgres, 
 from server.process import Process, Roles
 from server.settings import Settings
 from tests.conftest import ws_url
-from tests.waiting import eventually
+from tests.waiting import eventually, eventually_async
 from tests.wsclient import Client
 
 Launch = Callable[..., Awaitable[Process]]
@@ -179,9 +179,7 @@ async def test_postgres_down_answers_unavailable_and_serving_resumes(
                 acks.append(answer)
             return bool(acks)
 
-        async with asyncio.timeout(30):
-            while not await retried():
-                await asyncio.sleep(0.2)
+        await eventually_async(retried, within=30, poll_s=0.2)
         again = await client.request(frame)
         assert again["duplicate"] is True and again["task"] == acks[0]["task"]
 
@@ -202,9 +200,7 @@ async def test_readyz_is_green_only_while_relay_messages_arrive(taskcast: Proces
     async def ready() -> bool:
         return (await get("/readyz"))[0] == 200
 
-    async with asyncio.timeout(10):
-        while not await ready():
-            await asyncio.sleep(0.1)
+    await eventually_async(ready)
     assert (await get("/healthz"))[0] == 200
     status, metrics = await get("/metrics")
     assert status == 200 and "taskcast_connections" in metrics and "taskcast_ack_seconds_bucket" in metrics
@@ -212,9 +208,10 @@ async def test_readyz_is_green_only_while_relay_messages_arrive(taskcast: Proces
     for task in taskcast._tasks:
         if task.get_name() == "relay":
             task.cancel()
-    async with asyncio.timeout(10):
-        while await ready():
-            await asyncio.sleep(0.2)
+    async def not_ready() -> bool:
+        return not await ready()
+
+    await eventually_async(not_ready)
     status, body = await get("/readyz")
     assert status == 503 and json.loads(body)["checks"]["relay_messages"] is False
 
@@ -224,8 +221,8 @@ frames = st.one_of(
     st.dictionaries(st.sampled_from(["type", "id", "task", "kind", "scope", "input", "channel",
                                      "since", "key", "limit", "snapshot", "token", "answer"]),
                     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=12)
-                    | st.lists(st.text(max_size=4), max_size=3) | st.dictionaries(st.text(max_size=4),
-                                                                                     st.integers(), max_size=2),
+                    | st.lists(st.text(max_size=4), max_size=3)
+                    | st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
                     max_size=6).map(json.dumps),
     st.sampled_from(["hello", "ping", "create", "subscribe", "get", "list", "history", "cancel",
                      "answer", "retry", "refresh", "unsubscribe", "bogus"]).map(

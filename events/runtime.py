@@ -118,7 +118,7 @@ class TaskContext:
             return self.result_of(name)  # type: ignore[no-any-return]
         self.check_cancelled()
         self.step_name = name
-        started: dict[str, Any] = {"step": name}
+        started: dict[str, Any] = {"step": name, "worker": self.worker}
         if self._total is not None:
             started["steps_total"] = self._total
         await self.write([NewEvent(E.STEP_STARTED, started)])

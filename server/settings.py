@@ -51,6 +51,8 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         "allowed_origins": tuple(o for o in env.get("TASKCAST_ALLOWED_ORIGINS", "").split(",") if o),
         "kinds": tuple(k for k in env.get("TASKCAST_KINDS", "").split(",") if k),
     }
+    if env.get("TASKCAST_LEASE_S"):
+        values["lease_s"] = float(env["TASKCAST_LEASE_S"])
     if env.get("TASKCAST_SCOPE_LIMIT"):
         values["scope_limit"] = int(env["TASKCAST_SCOPE_LIMIT"])
     if "TASKCAST_CHANNEL" in env:

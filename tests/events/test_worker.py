@@ -1,0 +1,198 @@
+"""Workers: crashes, pauses, questions, dependencies and fairness, with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from events import decide
+from events.ids import TaskId
+from events.kinds import builtin
+from events.log import CreateTask, EventLog
+from events.model import Event, EventType
+from events.worker import Worker, WorkerConfig
+from server.settings import Settings
+from tests.waiting import eventually, eventually_async
+
+E = EventType
+
+
+@pytest.fixture
+def workers(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start `taskcast worker` processes (lease 1.5 s); each is killed at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        proc.wait(10)
+
+
+def _worker(settings: Settings, log: Path | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+           "TASKCAST_LEASE_S": "1.5", "TASKCAST_LOG": "WARNING"}
+    out = log.open("wb") if log is not None else None
+    try:
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env,
+                                stderr=out or None)
+    finally:
+        if out is not None:
+            out.close()
+
+
+async def _history(log: EventLog, task: TaskId) -> list[Event]:
+    return await log.history(task)
+
+
+async def _until_event(log: EventLog, task: TaskId, match: Any, within: float = 30) -> list[Event]:
+    found: list[Event] = []
+
+    async def seen() -> bool:
+        found[:] = await log.history(task)
+        return any(match(e) for e in found)
+
+    await eventually_async(seen, within=within, poll_s=0.05)
+    return found
+
+
+def _steps(events: list[Event], type_: EventType) -> list[str]:
+    return [e.data["step"] for e in events if e.type is type_]
+
+
+async def test_kill_9_in_step_3_resumes_at_step_3_on_another_worker(
+        event_log: EventLog, settings: Settings, workers: list[subprocess.Popen[bytes]]) -> None:
+    """Invariant 5: after kill -9 mid step 3 of 5, another worker resumes at step 3; steps 1-2
+    never run again; exactly one task.completed."""
+    ack = await event_log.create(CreateTask("demo", "p", {"steps": 5, "step_ms": 600}))
+    workers.append(_worker(settings))
+    await _until_event(event_log, ack.task, lambda e: e.type is E.STEP_STARTED and e.data["step"] == "step_3")
+    workers[0].kill()
+    workers[0].wait(10)
+    workers.append(_worker(settings))
+    events = await _until_event(event_log, ack.task, lambda e: e.type is E.TASK_COMPLETED, within=60)
+    assert _steps(events, E.STEP_STARTED) == ["step_1", "step_2", "step_3", "step_3", "step_4", "step_5"]
+    assert _steps(events, E.STEP_COMPLETED) == [f"step_{i}" for i in range(1, 6)]
+    assert [e.type for e in events].count(E.TASK_COMPLETED) == 1
+    assert [e.version for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_a_paused_worker_writes_nothing_after_its_lease_is_taken(
+        event_log: EventLog, settings: Settings, workers: list[subprocess.Popen[bytes]],
+        tmp_path: Path) -> None:
+    """Invariant 3: a worker SIGSTOPped past its lease while another takes over, then
+    SIGCONTed, writes nothing more; the task completes once."""
+    ack = await event_log.create(CreateTask("demo", "p", {"steps": 3, "step_ms": 2500}))
+    paused_log = tmp_path / "paused.log"
+    workers.append(_worker(settings, paused_log))
+    first = await _until_event(event_log, ack.task, lambda e: e.type is E.STEP_STARTED)
+    paused_name = next(e.data["worker"] for e in first if e.type is E.STEP_STARTED)
+    workers[0].send_signal(signal.SIGSTOP)
+    workers.append(_worker(settings))
+    await _until_event(event_log, ack.task,
+                       lambda e: e.type is E.STEP_STARTED and e.data["worker"] != paused_name)
+    workers[0].send_signal(signal.SIGCONT)  # its step ends and it tries to write
+    events = await _until_event(event_log, ack.task, lambda e: e.type is E.TASK_COMPLETED, within=60)
+    takeover = next(i for i, e in enumerate(events)
+                    if e.type is E.STEP_STARTED and e.data["worker"] != paused_name)
+    assert all(e.data.get("worker") != paused_name for e in events[takeover:])
+    assert _steps(events, E.STEP_COMPLETED) == ["step_1", "step_2", "step_3"]
+    assert [e.type for e in events].count(E.TASK_COMPLETED) == 1
+    # The resumed worker finds its lease gone (its heartbeat, or its next write, is refused
+    # by the fence) and stops, saying so.
+    await eventually(lambda: f"stopped {ack.task}" in paused_log.read_text(), 15)
+    assert await _history(event_log, ack.task) == events
+
+
+@pytest.fixture
+async def in_process(settings: Settings, event_log: EventLog) -> AsyncIterator[list[asyncio.Task[None]]]:
+    """Workers run as tasks of this test; each is cancelled at the end."""
+    tasks: list[asyncio.Task[None]] = []
+    yield tasks
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _start(settings: Settings, log: EventLog, tasks: list[asyncio.Task[None]], **config: Any) -> Worker:
+    worker = Worker(settings.database_url, log, builtin(), WorkerConfig(**config))
+    tasks.append(asyncio.create_task(worker.run()))
+    return worker
+
+
+async def test_a_question_survives_a_worker_restart_and_is_asked_once(
+        event_log: EventLog, settings: Settings, in_process: list[asyncio.Task[None]]) -> None:
+    """The task parks on its question (no worker holds it); a restarted worker resumes it once
+    answered; the question was asked once and earlier steps did not run again."""
+    ack = await event_log.create(CreateTask("demo", "p", {"steps": 3, "step_ms": 10, "ask_step": 2}))
+    _start(settings, event_log, in_process)
+    await _until_event(event_log, ack.task, lambda e: e.type is E.TASK_QUESTION)
+    in_process.pop().cancel()  # the worker goes away
+    view = await event_log.view(ack.task)
+    assert view["status"] == "waiting_answer" and view["questions"][0]["options"] == ["approve", "deny"]
+    await event_log.command(ack.task, lambda v: decide.answer(v, "q_1", "approve"))
+    _start(settings, event_log, in_process)
+    events = await _until_event(event_log, ack.task, lambda e: e.type is E.TASK_COMPLETED)
+    assert [e.type for e in events].count(E.TASK_QUESTION) == 1
+    assert _steps(events, E.STEP_STARTED) == ["step_1", "step_2", "step_3"]
+
+
+async def test_a_failed_dependency_fails_the_chain_with_the_reason(
+        event_log: EventLog, settings: Settings, in_process: list[asyncio.Task[None]]) -> None:
+    """A -> B -> C where B fails: C ends failed, naming B."""
+    a = await event_log.create(CreateTask("demo", "p", {"steps": 1, "step_ms": 10}))
+    b = await event_log.create(CreateTask("demo", "p", {"steps": 1, "ask_step": 1}, depends_on=[a.task]))
+    c = await event_log.create(CreateTask("demo", "p", {"steps": 1}, depends_on=[b.task]))
+    assert b.status == c.status == "waiting"
+    _start(settings, event_log, in_process, maintain_every_s=0.2)
+    await _until_event(event_log, b.task, lambda e: e.type is E.TASK_QUESTION)
+    await event_log.command(b.task, lambda v: decide.answer(v, "q_1", "deny"))
+    events = await _until_event(event_log, c.task, lambda e: e.type is E.TASK_FAILED)
+    assert [e.type for e in events] == [E.TASK_CREATED, E.TASK_FAILED]
+    assert b.task in events[-1].data["error"] and "failed" in events[-1].data["error"]
+    assert (await event_log.view(a.task))["status"] == "completed"
+    assert (await event_log.view(b.task))["status"] == "failed"
+
+
+async def test_a_per_scope_limit_holds_at_every_instant_under_concurrent_claims(
+        event_log: EventLog, settings: Settings, database_url: str,
+        in_process: list[asyncio.Task[None]]) -> None:
+    """200 demo tasks over 3 scopes, limit 2 per scope, two workers claiming concurrently:
+    never more than 2 running in a scope, and every task completes."""
+    tasks = [(await event_log.create(CreateTask("demo", f"scope:{i % 3}", {"steps": 2, "step_ms": 4}))).task
+             for i in range(200)]
+    peak: dict[str, int] = defaultdict(int)
+    watcher = await asyncpg.connect(database_url)
+    for _ in range(2):
+        _start(settings, event_log, in_process, concurrency=8, scope_limit=2)
+
+    async def all_done() -> bool:
+        rows = await watcher.fetch(
+            "SELECT scope, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY scope")
+        for row in rows:
+            peak[row["scope"]] = max(peak[row["scope"]], row["n"])
+        done = await watcher.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'")
+        return bool(done == len(tasks))
+
+    try:
+        await eventually_async(all_done, within=120, poll_s=0.002)
+    finally:
+        await watcher.close()
+    assert max(peak.values()) == 2  # reached, never passed
+    # The log agrees: per scope, never more than 2 tasks between task.started and task.completed.
+    for scope in ("scope:0", "scope:1", "scope:2"):
+        running, most = 0, 0
+        for event in await event_log.read_after(scope=scope, limit=10_000):
+            running += {E.TASK_STARTED: 1, E.TASK_COMPLETED: -1}.get(event.type, 0)
+            most = max(most, running)
+        assert most <= 2, scope

@@ -202,6 +202,23 @@ class EventLog:
         view: View | None = None
         for row in rows:
             e = event_from_row(row)
-            view = apply(view, e.task, e.version, e.type, e.data, e.at)
+            if row["snapshot"] is not None:  # retention trimmed what came before
+                view = dict(row["snapshot"])
+            else:
+                view = apply(view, e.task, e.version, e.type, e.data, e.at)
             view["position"] = encode(e.position)
         return view
+
+    async def prune(self, older_than_s: float, *, limit: int = 1000) -> int:
+        """Trim the history of tasks that ended more than `older_than_s` ago (each keeps its
+        last event and view); return how many tasks were trimmed."""
+        async with db.acquire(self.pool) as conn:
+            row = await conn.fetchrow(q("prune"), older_than_s, limit)
+        assert row is not None
+        return int(row["tasks"])
+
+    async def retention_floor(self) -> Position:
+        """The newest position retention trimmed: a `since` at or before it is not exact."""
+        async with db.acquire(self.pool) as conn:
+            row = await conn.fetchrow(q("retention_floor"))
+        return ZERO if row is None else position(row["xid"], row["seq"])

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ class WorkerConfig:
     maintain_every_s: float = 2.0
     cancel_grace_s: float = 5.0
     scope_limit: int | None = None  # running tasks per scope, across all workers
+    retention_s: float | None = 7 * 24 * 3600.0  # history of ended tasks kept this long
+    prune_every_s: float = 60.0
 
 
 class Worker:
@@ -56,6 +59,7 @@ class Worker:
         self._contexts: dict[TaskId, TaskContext] = {}
         self._slot_free = asyncio.Event()
         self.listening = asyncio.Event()
+        self._pruned_at = 0.0
 
     async def run(self) -> None:
         """Run until cancelled; on cancel, running tasks are cancelled and awaited (their
@@ -161,6 +165,11 @@ class Worker:
         for task in waiting:
             if await deps.settle(self.log, task) is Status.FAILED:
                 await deps.release(self.log, task)
+        now = time.monotonic()
+        if self.config.retention_s is not None and now - self._pruned_at >= self.config.prune_every_s:
+            self._pruned_at = now
+            while await self.log.prune(self.config.retention_s) == 1000:
+                pass
 
     async def _time_out(self, task: TaskId) -> None:
         """Time out a task whose worker is gone (a live worker times out its own tasks)."""

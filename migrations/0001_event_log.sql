@@ -14,6 +14,7 @@ CREATE TABLE tasks (
     version     integer NOT NULL,
     view        jsonb NOT NULL,
     labels      text[] NOT NULL DEFAULT '{}',
+    pruned      boolean NOT NULL DEFAULT false,  -- history trimmed by retention
     created_at  timestamptz NOT NULL,
     updated_at  timestamptz NOT NULL
 );
@@ -29,6 +30,7 @@ CREATE TABLE events (
     type     text NOT NULL,
     data     jsonb NOT NULL,
     at       timestamptz NOT NULL,
+    snapshot jsonb,  -- the task view after this event, kept when retention trims what precedes it
     PRIMARY KEY (xid, seq),
     UNIQUE (task_id, version)
 );
@@ -66,6 +68,14 @@ CREATE TABLE command_keys (
     seq         bigint NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (principal, key)
+);
+
+-- Retention trims the history of finished tasks; `since` at or before the newest trimmed
+-- position cannot be recovered exactly (PROTOCOL.md: recovered false, current views).
+CREATE TABLE retention (
+    id    boolean PRIMARY KEY DEFAULT true CHECK (id),
+    xid   xid8 NOT NULL,
+    seq   bigint NOT NULL
 );
 
 CREATE TABLE relay_cursor (

@@ -82,7 +82,8 @@ class Process:
         for i in range(self.roles.workers):
             worker = Worker(s.database_url, self.log, kinds,
                             WorkerConfig(concurrency=s.worker_concurrency, lease_s=s.lease_s,
-                                         cancel_grace_s=s.cancel_grace_s, scope_limit=s.scope_limit))
+                                         cancel_grace_s=s.cancel_grace_s, scope_limit=s.scope_limit,
+                                         retention_s=s.retention_s))
             self.workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(), name=f"worker-{i}"))
         if self.roles.serve:

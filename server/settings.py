@@ -35,6 +35,7 @@ class Settings:
     lease_s: float = 30.0
     cancel_grace_s: float = 5.0
     scope_limit: int | None = None  # running tasks per scope (TASKCAST_SCOPE_LIMIT)
+    retention_s: float = 7 * 24 * 3600.0  # history of ended tasks kept (TASKCAST_RETENTION_S)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> Settings:
@@ -53,6 +54,8 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
     }
     if env.get("TASKCAST_LEASE_S"):
         values["lease_s"] = float(env["TASKCAST_LEASE_S"])
+    if env.get("TASKCAST_RETENTION_S"):
+        values["retention_s"] = float(env["TASKCAST_RETENTION_S"])
     if env.get("TASKCAST_SCOPE_LIMIT"):
         values["scope_limit"] = int(env["TASKCAST_SCOPE_LIMIT"])
     if "TASKCAST_CHANNEL" in env:

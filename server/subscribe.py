@@ -56,6 +56,10 @@ async def follow(session: Session, channel: str, *, since: Position | None,
         principal.require(name)
     if from_start:
         since = ZERO
+    elif since is not None and since <= await node.log.retention_floor():
+        # Retention trimmed events after `since`: it cannot be resumed exactly. PROTOCOL.md:
+        # recovered false, with the current views instead.
+        since, snapshot = None, True
     sub = Subscription(session.conn, channel, since or ZERO)
     session.add_subscription(sub)
     answer: dict[str, Any] = {"type": "subscribed", "channel": channel, "recovered": False,

@@ -43,7 +43,7 @@ SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at
  LIMIT $3;
 
 -- name: history_until
-SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at
+SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at, e.snapshot
   FROM events AS e
  WHERE e.task_id = $1 AND e.version <= $2
  ORDER BY e.version;
@@ -126,3 +126,35 @@ SELECT t.id FROM tasks AS t JOIN jobs AS j ON j.task_id = t.id
        + make_interval(secs => (t.view ->> 'timeout_s')::double precision) < now()
    AND (j.state <> 'running' OR j.lease_expires_at < now())
  LIMIT $1;
+
+-- name: prune
+-- Trim the history of tasks that ended more than $1 seconds ago, keeping each one's last
+-- event (with the view as a snapshot, so its view and position stay readable), and record
+-- the newest position trimmed.
+WITH old AS (
+    UPDATE tasks AS t SET pruned = true
+     WHERE t.id IN (SELECT o.id FROM tasks AS o
+                     WHERE o.status IN ('completed', 'failed', 'cancelled', 'timed_out')
+                       AND NOT o.pruned AND o.updated_at < now() - make_interval(secs => $1)
+                     LIMIT $2)
+    RETURNING t.id, t.version, t.view
+), kept AS (
+    UPDATE events AS e SET snapshot = old.view
+      FROM old WHERE e.task_id = old.id AND e.version = old.version
+    RETURNING e.task_id
+), gone AS (
+    DELETE FROM events AS e USING old
+     WHERE e.task_id = old.id AND e.version < old.version
+    RETURNING e.xid, e.seq
+), mark AS (
+    INSERT INTO retention AS r (id, xid, seq)
+    SELECT true, g.xid, g.seq FROM gone AS g ORDER BY g.xid DESC, g.seq DESC LIMIT 1
+    ON CONFLICT (id) DO UPDATE SET xid = excluded.xid, seq = excluded.seq
+     WHERE (r.xid, r.seq) < (excluded.xid, excluded.seq)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM old) AS tasks, (SELECT count(*) FROM gone) AS events,
+       (SELECT count(*) FROM kept) AS kept, (SELECT count(*) FROM mark) AS marked;
+
+-- name: retention_floor
+SELECT xid, seq FROM retention;

@@ -245,3 +245,25 @@ async def test_reads_after_a_position_filter_by_task_and_scope(event_log: EventL
     assert [e.task for e in await event_log.read_after(ZERO)] == [a, b, c]
     assert [e.task for e in await event_log.read_after(ZERO, scope="project:2")] == [c]
     assert [e.task for e in await event_log.read_after(ZERO, task=b)] == [b]
+
+
+async def test_retention_trims_ended_tasks_and_keeps_their_views(event_log: EventLog) -> None:
+    """Retention deletes the history of ended tasks but their last event, so views, positions
+    and later reads still work; the floor moves past what was deleted."""
+    (done, running) = await _created(event_log, 2)
+    view = await event_log.view(done)
+    await event_log.append(done, view, [NewEvent(E.TASK_CANCELLED, {"reason": "x"})])
+    view = await event_log.view(running)
+    await event_log.append(running, view, [NewEvent(E.TASK_STARTED, {})])
+    before = await event_log.view(done)
+    assert await event_log.retention_floor() == ZERO
+
+    assert await event_log.prune(0) == 1
+    assert await event_log.prune(0) == 0  # each task is trimmed once
+    assert [e.version for e in await event_log.history(done)] == [2]
+    assert len(await event_log.history(running)) == 2
+    assert await event_log.view(done) == before
+    floor = await event_log.retention_floor()
+    assert floor > ZERO and floor < (await event_log.history(done))[0].position
+    rebuilt = await event_log.view_before(done, 2)
+    assert rebuilt is not None and rebuilt["status"] == "cancelled"

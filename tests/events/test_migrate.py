@@ -22,7 +22,8 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'events'")}
     finally:
         await conn.close()
-    assert tables == {"tasks", "events", "jobs", "command_keys", "relay_cursor", "taskcast_migrations"}
+    assert tables == {"tasks", "events", "jobs", "command_keys", "relay_cursor", "retention",
+                      "taskcast_migrations"}
     assert functions == {"taskcast_append", "taskcast_create", "taskcast_claim"}
     assert columns["xid"] == "xid8" and columns["data"] == "jsonb"
 

@@ -343,3 +343,16 @@ async def test_shutdown_closes_sockets_with_1001(launch: Launch) -> None:
     stopping = asyncio.create_task(process.node.stop())
     assert await _closed_with(client) == 1001
     await stopping
+
+
+async def test_a_since_older_than_retention_answers_current_views(taskcast: Process) -> None:
+    """`since` before trimmed history: recovered false, `tasks` holds the current views."""
+    client = await Client.open(ws_url(taskcast))
+    ack = await client.request({"type": "create", "kind": "demo", "scope": "p:old", "subscribe": True,
+                                "input": {"steps": 1, "step_ms": 1}})
+    updates = await _finished(client, ack["task"])
+    assert await taskcast.log.prune(0) == 1
+    sub = await client.request({"type": "subscribe", "channel": "scope:p:old", "since": ack["position"]})
+    assert sub["recovered"] is False
+    assert [t["id"] for t in sub["tasks"]] == [ack["task"]]
+    assert sub["tasks"][0]["version"] == updates[-1]["event"]["version"]

@@ -1,0 +1,57 @@
+"""Graceful shutdown of a real `taskcast serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from websockets.exceptions import ConnectionClosed
+
+from server.settings import Settings
+from tests.waiting import eventually
+from tests.wsclient import Client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
+           "TASKCAST_CHANNEL": settings.channel, "TASKCAST_LOG": "WARNING"}
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env)
+
+
+async def test_sigterm_closes_every_socket_with_1001_and_exits(settings: Settings) -> None:
+    """On SIGTERM the node stops accepting, closes its sockets with 1001, and exits 0."""
+    port = _free_port()
+    proc = _serve(settings, port)
+    try:
+        await eventually(lambda: _listening(port), 20)
+        clients = [await Client.open(f"ws://127.0.0.1:{port}/ws") for _ in range(3)]
+        proc.send_signal(signal.SIGTERM)
+        for client in clients:
+            try:
+                async with asyncio.timeout(10):
+                    await client.ws.recv()
+                raise AssertionError("a frame instead of the close")
+            except ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 1001
+        await eventually(lambda: proc.poll() is not None, 15)
+        assert proc.returncode == 0
+        assert not _listening(port)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)

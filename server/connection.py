@@ -57,7 +57,7 @@ class Connection(asyncio.Protocol):
         "last_out",
         "node",
         "opened_at",
-        "peer",
+        "outbox",
         "reading_paused",
         "session",
         "transport",
@@ -76,6 +76,7 @@ class Connection(asyncio.Protocol):
         self.reading_paused = False
         self.opened_at = self.last_in = self.last_out = time.monotonic()
         self.closing = False
+        self.outbox: list[tuple[Subscription, bytes]] | None = None  # updates awaiting flush
         self._drained: asyncio.Event | None = None
 
     # asyncio.Protocol
@@ -240,19 +241,35 @@ class Connection(asyncio.Protocol):
         """Write one frame (an answer, an error): encoded, framed, written now."""
         if self.open:
             assert self.transport is not None
+            if self.outbox:
+                self.flush()  # updates queued before this frame go out before it
             self.transport.write(wsframe.text(orjson.dumps(frame)))
+            self.node.metrics.frames_out += 1
             self.last_out = time.monotonic()
 
     def write_update(self, sub: Subscription, frame: bytes) -> None:
-        """Write a pre-framed update; a full send buffer makes it a `resync` instead."""
+        """Queue a pre-framed update; the hub flushes each socket's queue with one write
+        after routing a batch (one syscall per socket per batch, not per update)."""
         if not self.open:
             return
-        assert self.transport is not None
-        size = self.transport.get_write_buffer_size()
-        if size >= self.node.settings.send_buffer_bytes:
-            self.resync(sub)
+        if self.outbox is None:
+            self.outbox = []
+            self.node.hub.mark_dirty(self)
+        self.outbox.append((sub, frame))
+
+    def flush(self) -> None:
+        """Write the queued updates; a full send buffer makes them `resync`s instead."""
+        outbox, self.outbox = self.outbox, None
+        if not outbox or not self.open:
             return
-        self.transport.write(frame)
+        assert self.transport is not None
+        if self.transport.get_write_buffer_size() >= self.node.settings.send_buffer_bytes:
+            for sub in dict.fromkeys(s for s, _ in outbox):
+                if sub.active:
+                    self.resync(sub)
+            return
+        self.transport.write(outbox[0][1] if len(outbox) == 1 else b"".join(f for _, f in outbox))
+        self.node.metrics.frames_out += len(outbox)
         self.last_out = time.monotonic()
 
     def resync(self, sub: Subscription) -> None:

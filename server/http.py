@@ -92,6 +92,7 @@ class Metrics:
     def __init__(self) -> None:
         self.started = time.time()
         self.frames_in = 0
+        self.frames_out = 0
         self.resyncs = 0
         self.acks = 0
         self.ack_buckets = [0] * len(self.ACK_BUCKETS_S)
@@ -112,6 +113,8 @@ class Metrics:
             f"taskcast_subscriptions {node.hub.subscription_count()}",
             "# TYPE taskcast_frames_in_total counter",
             f"taskcast_frames_in_total {self.frames_in}",
+            "# TYPE taskcast_frames_out_total counter",
+            f"taskcast_frames_out_total {self.frames_out}",
             "# TYPE taskcast_updates_routed_total counter",
             f"taskcast_updates_routed_total {node.hub.routed}",
             "# TYPE taskcast_resyncs_total counter",

@@ -7,6 +7,7 @@ are written to every subscribed socket: no task per recipient, no await inside t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -23,6 +24,7 @@ class Sink(Protocol):
     """A socket, as the hub sees it."""
 
     def write_update(self, sub: Subscription, frame: bytes) -> None: ...
+    def flush(self) -> None: ...
     def resync(self, sub: Subscription) -> None: ...
     def may_read(self, scope: str) -> bool: ...
 
@@ -84,6 +86,23 @@ class Hub:
         self.everything: set[Subscription] = set()
         self.head: Position = ZERO  # the last position routed
         self.routed = 0
+        self._dirty: list[Sink] = []  # sockets with queued updates
+        self._flush_scheduled = False
+
+    def mark_dirty(self, sink: Sink) -> None:
+        """`sink` queued updates: flush it after the current routing (or soon, when the
+        updates came from elsewhere, e.g. a catch-up)."""
+        self._dirty.append(sink)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every socket's queued updates, one write per socket."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for sink in dirty:
+            sink.flush()
 
     def add(self, sub: Subscription) -> None:
         kind, _, name = sub.channel.partition(":")
@@ -124,6 +143,7 @@ class Hub:
                 allowed = [s for s in self.everything if s.sink.may_read(update.scope)]
                 if allowed:
                     _offer(allowed, update, frame("all", update))
+        self.flush()
 
     def subscription_count(self) -> int:
         return (sum(len(s) for s in self.by_task.values())

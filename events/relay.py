@@ -99,14 +99,14 @@ class Relay:
                 misses += 1
             if events:
                 updates = await self.projector.updates(events)
-                await self._publish(encode_batch(cursor, updates))
+                await self._publish(encode_batch(cursor, updates, sent_at=time.time()))
                 cursor = events[-1].position
                 self.published_events += len(events)
                 last_publish = now
                 if len(events) == self.config.batch_events:
                     continue  # more are waiting: no sleep
             elif now - last_publish >= self.config.heartbeat_s:
-                await self._publish(encode_batch(cursor, []))
+                await self._publish(encode_batch(cursor, [], sent_at=time.time()))
                 last_publish = now
             if cursor != saved and now - last_save >= self.config.save_every_s:
                 await conn.execute(q("save_relay_cursor"), *split(cursor))

@@ -40,6 +40,7 @@ class Batch:
     prev: Position
     head: Position
     updates: list[Update]
+    sent_at: float = 0.0  # the relay's wall clock when it published (for the lag gauge)
 
 
 def update(event: Event, view: View) -> Update:
@@ -49,11 +50,12 @@ def update(event: Event, view: View) -> Update:
     return Update(event.position, event.task, event.scope, event.version, blob)
 
 
-def encode_batch(prev: Position, updates: Sequence[Update], head: Position | None = None) -> bytes:
+def encode_batch(prev: Position, updates: Sequence[Update], head: Position | None = None,
+                 sent_at: float = 0.0) -> bytes:
     """A Redis message. `head` defaults to the last update's position (or `prev`)."""
     if head is None:
         head = updates[-1].position if updates else prev
-    header = {"prev": encode(prev), "head": encode(head),
+    header = {"prev": encode(prev), "head": encode(head), "at": sent_at,
               "events": [[encode(u.position), u.task, u.scope, u.version, len(u.blob)]
                          for u in updates]}
     return b"".join([orjson.dumps(header), b"\n", *(u.blob for u in updates)])
@@ -73,4 +75,4 @@ def decode_batch(message: bytes) -> Batch:
         offset += size
     if offset != len(message):
         raise ValueError("blob lengths do not add up")
-    return Batch(decode(header["prev"]), decode(header["head"]), updates)
+    return Batch(decode(header["prev"]), decode(header["head"]), updates, float(header.get("at", 0.0)))

@@ -25,6 +25,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from events.ids import Position, encode
 from server import wsframe
 from server.frames import FrameError, decode
 
@@ -38,6 +39,7 @@ log = logging.getLogger("taskcast.connection")
 SUBPROTOCOL = Subprotocol("taskcast.v1")
 MAX_HTTP_HEAD_BYTES = 16 * 1024
 CLOSE_TIMEOUT_S = 2.0
+WRITE_GROUP_BYTES = 32 * 1024  # queued updates are written in groups of about this size
 
 
 def _select_subprotocol(_: ServerProtocol, offered: Sequence[Subprotocol]) -> Subprotocol | None:
@@ -76,7 +78,7 @@ class Connection(asyncio.Protocol):
         self.reading_paused = False
         self.opened_at = self.last_in = self.last_out = time.monotonic()
         self.closing = False
-        self.outbox: list[tuple[Subscription, bytes]] | None = None  # updates awaiting flush
+        self.outbox: list[tuple[Subscription, Position, bytes]] | None = None  # awaiting flush
         self._drained: asyncio.Event | None = None
 
     # asyncio.Protocol
@@ -247,33 +249,56 @@ class Connection(asyncio.Protocol):
             self.node.metrics.frames_out += 1
             self.last_out = time.monotonic()
 
-    def write_update(self, sub: Subscription, frame: bytes) -> None:
-        """Queue a pre-framed update; the hub flushes each socket's queue with one write
-        after routing a batch (one syscall per socket per batch, not per update)."""
+    def write_update(self, sub: Subscription, before: Position, frame: bytes) -> None:
+        """Queue a pre-framed update (`before`: the subscription's position without it); the
+        hub flushes each socket's queue with one write after routing a batch, so a socket
+        costs one syscall per batch, not one per update."""
         if not self.open:
             return
         if self.outbox is None:
             self.outbox = []
             self.node.hub.mark_dirty(self)
-        self.outbox.append((sub, frame))
+        self.outbox.append((sub, before, frame))
 
     def flush(self) -> None:
-        """Write the queued updates; a full send buffer makes them `resync`s instead."""
+        """Write the queued updates while the send buffer has room. A subscription whose next
+        update finds it full is stopped with `resync` at the last position it was sent."""
         outbox, self.outbox = self.outbox, None
         if not outbox or not self.open:
             return
+        transport = self.transport
+        assert transport is not None
+        limit = self.node.settings.send_buffer_bytes
+        group: list[bytes] = []
+        group_bytes = 0
+        stopped: dict[Subscription, Position] = {}
+        for sub, before, frame in outbox:
+            if sub in stopped or not sub.active:
+                continue
+            # The kernel takes what it can at each write; only what it refuses stays in the
+            # transport's buffer. That buffer is checked before each group is started.
+            if not group and transport.get_write_buffer_size() >= limit:
+                stopped[sub] = before
+                continue
+            group.append(frame)
+            group_bytes += len(frame)
+            if group_bytes >= WRITE_GROUP_BYTES:
+                self._write_group(group)
+                group, group_bytes = [], 0
+        if group:
+            self._write_group(group)
+        for sub, position in stopped.items():
+            self.resync(sub, position)
+
+    def _write_group(self, frames: list[bytes]) -> None:
         assert self.transport is not None
-        if self.transport.get_write_buffer_size() >= self.node.settings.send_buffer_bytes:
-            for sub in dict.fromkeys(s for s, _ in outbox):
-                if sub.active:
-                    self.resync(sub)
-            return
-        self.transport.write(outbox[0][1] if len(outbox) == 1 else b"".join(f for _, f in outbox))
-        self.node.metrics.frames_out += len(outbox)
+        self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+        self.node.metrics.frames_out += len(frames)
         self.last_out = time.monotonic()
 
-    def resync(self, sub: Subscription) -> None:
-        """Stop a subscription that cannot stay gap-free; tell the client where to resume."""
+    def resync(self, sub: Subscription, position: Position | None = None) -> None:
+        """Stop a subscription that cannot stay gap-free; tell the client where to resume
+        (the last position it was sent; by default the subscription's cursor)."""
         assert self.session is not None
         self.session.drop_subscription(sub)
         self.node.metrics.resyncs += 1
@@ -281,9 +306,8 @@ class Connection(asyncio.Protocol):
         if self.transport.get_write_buffer_size() >= self.node.settings.send_buffer_hard_bytes:
             self.close(4429, "reader too slow")
             return
-        from events.ids import encode
-
-        self.send({"type": "resync", "channel": sub.channel, "position": encode(sub.cursor)})
+        resume = sub.cursor if position is None else position
+        self.send({"type": "resync", "channel": sub.channel, "position": encode(resume)})
 
     def may_read(self, scope: str) -> bool:
         """Whether this socket's principal may receive events of `scope`."""

@@ -80,6 +80,8 @@ class Fanout:
             log.error("dropping a malformed relay message")
             return
         self.last_message_at = time.monotonic()
+        if batch.sent_at:
+            self.relay_lag_s = max(0.0, time.time() - batch.sent_at)
         decision = plan(self.hub.head, batch)
         if decision.fill_to is not None:
             try:

@@ -121,6 +121,11 @@ class Metrics:
             f"taskcast_resyncs_total {self.resyncs}",
             "# TYPE taskcast_gaps_filled_total counter",
             f"taskcast_gaps_filled_total {node.fanout.gaps_filled}",
+            "# TYPE taskcast_relay_lag_seconds gauge",
+            f"taskcast_relay_lag_seconds {node.fanout.relay_lag_s:.6f}",
+            "# TYPE taskcast_relay_last_message_age_seconds gauge",
+            f"taskcast_relay_last_message_age_seconds "
+            f"{time.monotonic() - node.fanout.last_message_at:.3f}",
             "# TYPE taskcast_ack_seconds histogram",
         ]
         for bound, count in zip(self.ACK_BUCKETS_S, self.ack_buckets, strict=True):

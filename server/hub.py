@@ -23,7 +23,7 @@ MAX_PENDING = 10_000  # updates held for a subscription that is still catching u
 class Sink(Protocol):
     """A socket, as the hub sees it."""
 
-    def write_update(self, sub: Subscription, frame: bytes) -> None: ...
+    def write_update(self, sub: Subscription, before: Position, frame: bytes) -> None: ...
     def flush(self) -> None: ...
     def resync(self, sub: Subscription) -> None: ...
     def may_read(self, scope: str) -> bool: ...
@@ -65,8 +65,8 @@ class Subscription:
                 if update.version <= floor:
                     return
                 del self.floor[update.task]
-        self.cursor = update.position
-        self.sink.write_update(self, frame)
+        before, self.cursor = self.cursor, update.position
+        self.sink.write_update(self, before, frame)
 
     def go_live(self) -> None:
         """Deliver what was held during catch-up, then pass updates straight through."""

@@ -22,7 +22,7 @@ from server.embedded import EmbeddedPostgres, restart_postgres, start_postgres, 
 from server.process import Process, Roles
 from server.settings import Settings
 from tests.conftest import ws_url
-from tests.waiting import eventually, eventually_async
+from tests.waiting import eventually_async
 from tests.wsclient import Client
 
 Launch = Callable[..., Awaitable[Process]]
@@ -62,7 +62,6 @@ async def test_a_snapshot_racing_updates_loses_none_and_repeats_none(taskcast: P
     client = await Client.open(ws_url(taskcast))
     tasks = [(await client.request({"type": "create", "kind": "demo", "scope": "p:race",
                                     "input": {"steps": 10, "step_ms": 4}}))["task"] for _ in range(8)]
-    await eventually(lambda: True)  # (no wait: the snapshot lands while they run)
     watcher = await Client.open(ws_url(taskcast))
     sub = await watcher.request({"type": "subscribe", "channel": "scope:p:race", "snapshot": True})
     start = {view["id"]: view["version"] for view in sub["tasks"]}
@@ -130,8 +129,9 @@ async def test_a_slow_reader_is_resynced_or_closed_and_fast_sockets_get_everythi
             await client.until(finished, within=60)
     finally:
         watching.cancel()
-    # A write is refused once the buffer holds send_buffer_bytes; one frame may overshoot.
-    assert peak <= process.settings.send_buffer_hard_bytes + 16 * 1024
+    # Writing stops once the buffer holds send_buffer_bytes (one frame may overshoot), and a
+    # socket past send_buffer_hard_bytes is closed: the peak is bounded by both.
+    assert peak <= process.settings.send_buffer_hard_bytes + 32 * 1024 + 17 * 1024
     assert process.node.metrics.resyncs >= 1
     slow.transport.resume_reading()
     frames: list[str] = []

@@ -84,6 +84,25 @@ CREATE TABLE relay_cursor (
     seq   bigint NOT NULL
 );
 
+-- Record a command's first ack under its idempotency key. A key older than 24 hours is
+-- free again; one in use raises TCD01 (the caller reads the first ack instead).
+CREATE FUNCTION taskcast_remember_key(
+    p_principal text, p_key text, p_task text, p_status text, p_xid xid8, p_seq bigint
+) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
+    VALUES (p_principal, p_key, p_task, p_status, p_xid, p_seq)
+    ON CONFLICT (principal, key) DO UPDATE
+       SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
+           seq = excluded.seq, created_at = now()
+     WHERE k.created_at < now() - interval '24 hours';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % was used already', p_key USING ERRCODE = 'TCD01';
+    END IF;
+END
+$$;
+
 -- Append events to one task in one statement (one round trip, one transaction).
 --
 -- Order matters. The task row is updated FIRST, so that the transaction's xid is assigned
@@ -163,16 +182,8 @@ BEGIN
     RETURNING e.xid, e.seq, e.version;
 
     IF p_key IS NOT NULL THEN
-        INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
-        SELECT p_principal, p_key, p_task, p_status, e.xid, e.seq
-          FROM events AS e WHERE e.task_id = p_task AND e.version = p_expected + v_count
-        ON CONFLICT (principal, key) DO UPDATE
-           SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
-               seq = excluded.seq, created_at = now()
-         WHERE k.created_at < now() - interval '24 hours';
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'key % was used already', p_key USING ERRCODE = 'TCD01';
-        END IF;
+        PERFORM taskcast_remember_key(p_principal, p_key, p_task, p_status, e.xid, e.seq)
+           FROM events AS e WHERE e.task_id = p_task AND e.version = p_expected + v_count;
     END IF;
 
     PERFORM pg_notify('taskcast_events', '');
@@ -225,15 +236,7 @@ BEGIN
     END IF;
 
     IF p_key IS NOT NULL THEN
-        INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
-        VALUES (p_principal, p_key, p_task, p_status, v_xid, v_seq)
-        ON CONFLICT (principal, key) DO UPDATE
-           SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
-               seq = excluded.seq, created_at = now()
-         WHERE k.created_at < now() - interval '24 hours';
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'key % was used already', p_key USING ERRCODE = 'TCD01';
-        END IF;
+        PERFORM taskcast_remember_key(p_principal, p_key, p_task, p_status, v_xid, v_seq);
     END IF;
 
     PERFORM pg_notify('taskcast_events', '');

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 
 POLL_S = 0.02
@@ -21,3 +22,16 @@ async def eventually_async(condition: Callable[[], Awaitable[object]], within: f
     async with asyncio.timeout(within):
         while not await condition():  # noqa: ASYNC110 - polled with a deadline
             await asyncio.sleep(poll_s)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for a server a test starts and restarts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts connections on loopback `port`."""
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

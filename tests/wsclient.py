@@ -67,3 +67,21 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+class Versions:
+    """Records each task's versions from update frames; as a `Client.until` predicate it is
+    true once every task of `tasks` has completed."""
+
+    def __init__(self, tasks: list[str] | None = None) -> None:
+        self.tasks = tasks if tasks is not None else []
+        self.versions: dict[str, list[int]] = {}
+        self.finished: set[str] = set()
+
+    def __call__(self, frame: dict[str, Any]) -> bool:
+        if frame["type"] == "update":
+            event = frame["event"]
+            self.versions.setdefault(event["task"], []).append(event["version"])
+            if event["type"] == "task.completed":
+                self.finished.add(event["task"])
+        return bool(self.tasks) and self.finished >= set(self.tasks)

@@ -24,7 +24,7 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
         await conn.close()
     assert tables == {"tasks", "events", "jobs", "command_keys", "relay_cursor", "retention",
                       "taskcast_migrations"}
-    assert functions == {"taskcast_append", "taskcast_create", "taskcast_claim"}
+    assert functions == {"taskcast_append", "taskcast_create", "taskcast_claim", "taskcast_remember_key"}
     assert columns["xid"] == "xid8" and columns["data"] == "jsonb"
 
 

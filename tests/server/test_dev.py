@@ -5,24 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.waiting import eventually
+from tests.waiting import eventually, free_port, listening
 from tests.wsclient import Client
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _spawn_dev(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
@@ -57,7 +45,7 @@ async def _stop(proc: subprocess.Popen[bytes], log: Path) -> None:
 async def test_taskcast_dev_runs_a_task_end_to_end_and_stops_cleanly(tmp_path: Path) -> None:
     """A demo task's steps stream within a second of create; Ctrl-C stops the embedded servers;
     the data is still there on the next `taskcast dev`."""
-    data_dir, port = tmp_path / ".taskcast", _free_port()
+    data_dir, port = tmp_path / ".taskcast", free_port()
     proc, log = await _run_dev(data_dir, port)
     try:
         assert f"http://127.0.0.1:{port}/" in log.read_text()
@@ -74,7 +62,7 @@ async def test_taskcast_dev_runs_a_task_end_to_end_and_stops_cleanly(tmp_path: P
         await client.close()
     finally:
         await _stop(proc, log)
-    assert not _listening(port)
+    assert not listening(port)
     pg_pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0]) \
         if (data_dir / "postgres" / "postmaster.pid").exists() else None
     assert pg_pid is None  # PostgreSQL shut down and removed its pid file

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -18,7 +16,7 @@ from server.embedded import restart_valkey, start_valkey, stop_valkey
 from server.process import Process, Roles
 from server.settings import Settings
 from tests.conftest import ws_url
-from tests.wsclient import Client
+from tests.wsclient import Client, Versions
 
 
 async def _lossy_proxy(redis_url: str, source: str, target: str, drop_every: int,
@@ -70,19 +68,11 @@ async def test_subscribers_get_every_version_in_order_when_redis_drops_messages(
         ack = await client.request({"type": "create", "kind": "demo", "scope": "project:7",
                                     "input": {"steps": 4, "step_ms": 10}})
         tasks.append(ack["task"])
-    versions: dict[str, list[int]] = defaultdict(list)
-    finished: set[str] = set()
-
-    def record(frame: dict[str, Any]) -> bool:
-        if frame["type"] == "update":
-            versions[frame["event"]["task"]].append(frame["event"]["version"])
-            if frame["event"]["type"] == "task.completed":
-                finished.add(frame["event"]["task"])
-        return finished == set(tasks)
-
+    record = Versions(tasks)
     await client.until(record, within=30)
     for task in tasks:
-        assert versions[task] == list(range(1, len(versions[task]) + 1)), task
+        versions = record.versions[task]
+        assert versions == list(range(1, len(versions) + 1)), task
     assert lossy.node is not None and lossy.node.fanout.gaps_filled > 0
     await client.close()
 
@@ -140,16 +130,7 @@ async def test_a_redis_restart_mid_stream_loses_nothing(settings: Settings, tmp_
             tasks = [(await client.request({"type": "create", "kind": "demo", "scope": "p:r",
                                             "input": {"steps": 8, "step_ms": 150}}))["task"]
                      for _ in range(4)]
-            versions: dict[str, list[int]] = defaultdict(list)
-            finished: set[str] = set()
-
-            def record(frame: dict[str, Any]) -> bool:
-                if frame["type"] == "update":
-                    versions[frame["event"]["task"]].append(frame["event"]["version"])
-                    if frame["event"]["type"] == "task.completed":
-                        finished.add(frame["event"]["task"])
-                return finished == set(tasks)
-
+            record = Versions(tasks)
             await client.until(lambda f: record(f) or (f["type"] == "update"
                                                        and f["event"]["type"] == "step.completed"))
             await asyncio.to_thread(stop_valkey, valkey)
@@ -157,7 +138,7 @@ async def test_a_redis_restart_mid_stream_loses_nothing(settings: Settings, tmp_
             await client.until(record, within=60)
             history = {t: len(await process.log.history(TaskId(t))) for t in tasks}
             for task in tasks:  # subscribed before they were created: every version, once
-                assert versions[task] == list(range(1, history[task] + 1)), task
+                assert record.versions[task] == list(range(1, history[task] + 1)), task
             assert process.node.fanout.gaps_filled >= 1
             await client.close()
     finally:

@@ -5,26 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 from websockets.exceptions import ConnectionClosed
 
 from server.settings import Settings
-from tests.waiting import eventually
+from tests.waiting import eventually, free_port, listening
 from tests.wsclient import Client
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
@@ -35,10 +23,10 @@ def _serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
 
 async def test_sigterm_closes_every_socket_with_1001_and_exits(settings: Settings) -> None:
     """On SIGTERM the node stops accepting, closes its sockets with 1001, and exits 0."""
-    port = _free_port()
+    port = free_port()
     proc = _serve(settings, port)
     try:
-        await eventually(lambda: _listening(port), 20)
+        await eventually(lambda: listening(port), 20)
         clients = [await Client.open(f"ws://127.0.0.1:{port}/ws") for _ in range(3)]
         proc.send_signal(signal.SIGTERM)
         for client in clients:
@@ -50,7 +38,7 @@ async def test_sigterm_closes_every_socket_with_1001_and_exits(settings: Setting
                 assert closed.rcvd is not None and closed.rcvd.code == 1001
         await eventually(lambda: proc.poll() is not None, 15)
         assert proc.returncode == 0
-        assert not _listening(port)
+        assert not listening(port)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -7,17 +7,28 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("append.py", "relay_latency.py", "ack_latency.py")
-TIMEOUT_S = 90  # each script stops itself within 60 s; this only catches a hang
+SCRIPTS = ("append.py", "relay_latency.py", "ack_latency.py", "idle_memory.py", "fanout.py",
+           "latency_fanout.py", "tasks.py")
+TIMEOUT_S = 120  # each script stops itself within 90 s; this only catches a hang
+STOP_GRACE_S = 20
 
 
 def main() -> int:
     failed = []
     for script in SCRIPTS:
         print(f"== {script}", flush=True)
+        proc = subprocess.Popen([sys.executable, str(HERE / script)])
         try:
-            code = subprocess.run([sys.executable, str(HERE / script)], timeout=TIMEOUT_S).returncode
+            code = proc.wait(TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            # SIGTERM first: the script then stops its servers and drops its database.
+            proc.terminate()
+            try:
+                proc.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            print(f"{script} did not finish within {TIMEOUT_S} s", file=sys.stderr)
             code = -1
         if code != 0:
             failed.append(script)

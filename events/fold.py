@@ -171,15 +171,24 @@ def _completed(view: View, data: dict[str, Any], at: str) -> None:
     view["ended_at"] = at
 
 
+def _close_running_steps(view: View, status: str, at: str) -> None:
+    """A run that ends leaves no step `running`: an interrupted step ends with the run."""
+    if any(s["status"] == "running" for s in view["steps"]):
+        view["steps"] = [{**s, "status": status, "ended_at": at} if s["status"] == "running" else s
+                         for s in view["steps"]]
+
+
 def _failed(view: View, data: dict[str, Any], at: str) -> None:
     view["error"] = data["error"]
     view["ended_at"] = at
+    _close_running_steps(view, "failed", at)
 
 
 def _ended(view: View, data: dict[str, Any], at: str) -> None:
     view["ended_at"] = at
     if data.get("reason") is not None:
         view["error"] = data["reason"]
+    _close_running_steps(view, view["status"], at)
 
 
 _FOLDS = {

@@ -12,7 +12,7 @@ lease lost stops the task at once, writing nothing more (invariant 3).
 How a run ends:
 - `run` returns: `task.completed`.
 - it raises StepError(retryable) with attempts left: `task.retrying`, requeued after a
-  backoff with jitter; any other error: `task.failed`.
+  backoff with jitter; any other error: the kind's cleanup, then `task.failed`.
 - cancel requested (or the deadline passed): the step is signalled (`ctx.cancelled`), the
   run gets `cancel_grace_s` to stop by itself, then it is aborted; the kind's cleanup runs;
   then `task.cancelled` (or `task.timed_out`).
@@ -45,6 +45,8 @@ E = EventType
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
+MAX_PENDING_LINES = 1000  # output lines buffered between two flushes
+MAX_LINE_CHARS = 2000
 
 
 class LeaseLost(Exception):
@@ -87,6 +89,8 @@ class TaskContext:
         self._pending_lines: list[str] = []
         self._write_lock = asyncio.Lock()
         self._flusher: asyncio.TimerHandle | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        self._dropped_lines = 0
         if claim.cancel_requested or claim.view.get("cancel_requested"):
             self.cancelled.set()
 
@@ -152,10 +156,16 @@ class TaskContext:
         self._schedule_flush()
 
     def output(self, lines: list[str]) -> None:
-        """Append lines to the current step's output. Buffered and written in batches."""
+        """Append lines to the current step's output. Buffered and written in batches; at
+        most MAX_PENDING_LINES wait for a flush (older ones are dropped, and counted), and
+        a line is cut at MAX_LINE_CHARS (invariant 6)."""
         if self.step_name is None:
             raise RuntimeError("output() outside a step")
-        self._pending_lines.extend(lines)
+        self._pending_lines.extend(line[:MAX_LINE_CHARS] for line in lines)
+        excess = len(self._pending_lines) - MAX_PENDING_LINES
+        if excess > 0:
+            del self._pending_lines[:excess]
+            self._dropped_lines += excess
         self._schedule_flush()
 
     async def ask(self, type_: str, prompt: str, *, options: list[str] | None = None) -> Any:
@@ -177,8 +187,21 @@ class TaskContext:
 
     def _schedule_flush(self) -> None:
         if self._flusher is None:
-            loop = asyncio.get_running_loop()
-            self._flusher = loop.call_later(self.flush_s, lambda: loop.create_task(self._flush_quietly()))
+            self._flusher = asyncio.get_running_loop().call_later(self.flush_s, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._flusher = None
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush_quietly(), name=f"flush {self.task}")
+
+    async def close(self) -> None:
+        """Stop the flush timer and await a flush in progress (the run is over)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            self._flusher = None
+        if self._flushing is not None:
+            self._flushing.cancel()
+            await asyncio.gather(self._flushing, return_exceptions=True)
 
     async def _flush_quietly(self) -> None:
         try:
@@ -198,7 +221,11 @@ class TaskContext:
                 self._flusher = None
             batch: list[NewEvent] = []
             if self._pending_lines and self.step_name is not None:
-                batch.append(NewEvent(E.STEP_OUTPUT, {"step": self.step_name, "lines": self._pending_lines}))
+                lines = self._pending_lines
+                if self._dropped_lines:
+                    lines = [f"[{self._dropped_lines} lines dropped]", *lines]
+                    self._dropped_lines = 0
+                batch.append(NewEvent(E.STEP_OUTPUT, {"step": self.step_name, "lines": lines}))
             if self._pending_progress is not None and self.step_name is not None:
                 batch.append(self._pending_progress)
             self._pending_lines, self._pending_progress = [], None
@@ -251,6 +278,7 @@ async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: KindSpec, 
         log.warning("stopped %s: %s", ctx.task, exc)
         return None
     finally:
+        await ctx.close()
         if on_context is not None:
             on_context(None)
 
@@ -322,6 +350,8 @@ async def _finish(ctx: TaskContext, kind: KindSpec, main: asyncio.Task[Any]) -> 
         failed["step"] = ctx.step_name
     if not isinstance(exc, StepError | TaskcastError):
         log.error("task %s failed", ctx.task, exc_info=exc)
+    if kind.cleanup is not None:
+        await _cleanup(ctx, kind)  # nothing a step started may outlive the run
     await ctx.write([NewEvent(E.TASK_FAILED, failed)], job_state="done")
     return Status.FAILED
 

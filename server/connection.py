@@ -253,7 +253,7 @@ class Connection(asyncio.Protocol):
         """Queue a pre-framed update (`before`: the subscription's position without it); the
         hub flushes each socket's queue with one write after routing a batch, so a socket
         costs one syscall per batch, not one per update."""
-        if not self.open:
+        if self.closing:
             return
         if self.outbox is None:
             self.outbox = []
@@ -264,7 +264,7 @@ class Connection(asyncio.Protocol):
         """Write the queued updates while the send buffer has room. A subscription whose next
         update finds it full is stopped with `resync` at the last position it was sent."""
         outbox, self.outbox = self.outbox, None
-        if not outbox or not self.open:
+        if not outbox or not self.open:  # (checked once per batch: `open` is not cheap)
             return
         transport = self.transport
         assert transport is not None

@@ -8,6 +8,7 @@ are written to every subscribed socket: no task per recipient, no await inside t
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -127,7 +128,21 @@ class Hub:
                 del table[name]
 
     def route(self, updates: Iterable[Update]) -> None:
-        """Offer each update to the subscriptions of its task, its scope, and `all`."""
+        """Offer each update to the subscriptions of its task, its scope, and `all`.
+
+        The cyclic garbage collector is paused meanwhile: routing allocates a small tuple per
+        delivery, all freed by reference counting, and at a few hundred thousand deliveries
+        a second collections triggered by those allocations took half the node's CPU.
+        """
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._route(updates)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _route(self, updates: Iterable[Update]) -> None:
         for update in updates:
             if update.position <= self.head:
                 continue

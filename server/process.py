@@ -26,10 +26,10 @@ from server.settings import Settings
 log = logging.getLogger("taskcast")
 
 
-def load_kinds(paths: Sequence[str]) -> dict[str, KindSpec]:
+def load_kinds(paths: Sequence[str], shell_allow: Sequence[str] = ()) -> dict[str, KindSpec]:
     """The built-in kinds plus plugins named `package.module:attr` (a KindSpec, or an async
     function registered under its attribute name). Raises ValueError, ImportError."""
-    kinds = builtin()
+    kinds = builtin(shell_allow)
     for path in paths:
         module_name, sep, attr = path.partition(":")
         if not sep:
@@ -72,7 +72,7 @@ class Process:
 
     async def __aenter__(self) -> Process:
         s = self.settings
-        kinds = load_kinds(s.kinds)
+        kinds = load_kinds(s.kinds, s.shell_allow)
         self.pool = await db.create_pool(s.database_url, min_size=1, max_size=20)
         self.redis = Redis.from_url(s.redis_url)
         self.log = EventLog(self.pool)

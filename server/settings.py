@@ -19,6 +19,7 @@ class Settings:
     secret: str | None = None  # HS256 secret; None: no auth (dev)
     allowed_origins: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()  # extra kinds, "package.module:attr"
+    shell_allow: tuple[str, ...] = ()  # commands the `shell` kind may run; none: disabled
     # limits (PROTOCOL.md: welcome.limits)
     max_frame_bytes: int = 256 * 1024
     max_subscriptions: int = 100
@@ -51,9 +52,12 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         "secret": env.get("TASKCAST_SECRET") or None,
         "allowed_origins": tuple(o for o in env.get("TASKCAST_ALLOWED_ORIGINS", "").split(",") if o),
         "kinds": tuple(k for k in env.get("TASKCAST_KINDS", "").split(",") if k),
+        "shell_allow": tuple(c.strip() for c in env.get("TASKCAST_SHELL_ALLOW", "").split(",") if c.strip()),
     }
     if env.get("TASKCAST_LEASE_S"):
         values["lease_s"] = float(env["TASKCAST_LEASE_S"])
+    if env.get("TASKCAST_MAX_CONNECTIONS_PER_PRINCIPAL"):
+        values["max_connections_per_principal"] = int(env["TASKCAST_MAX_CONNECTIONS_PER_PRINCIPAL"])
     if env.get("TASKCAST_RETENTION_S"):
         values["retention_s"] = float(env["TASKCAST_RETENTION_S"])
     if env.get("TASKCAST_SCOPE_LIMIT"):

@@ -9,7 +9,7 @@ by import path (`TASKCAST_KINDS=package.module:attr`); the attr is a KindSpec or
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +38,15 @@ def as_kind(name: str, obj: object) -> KindSpec:
     raise TypeError(f"{name} is neither a KindSpec nor an async function")
 
 
-def builtin() -> dict[str, KindSpec]:
-    """The kinds that ship with taskcast, by name."""
+def builtin(shell_allow: Sequence[str] = ()) -> dict[str, KindSpec]:
+    """The kinds that ship with taskcast, by name. `shell` runs only the commands named in
+    `shell_allow` (Settings.shell_allow, from TASKCAST_SHELL_ALLOW); none: it is disabled."""
     from events.kinds.demo import DEMO
+    from events.kinds.git import CLONE
+    from events.kinds.provision import PROVISION
+    from events.kinds.repo import REBASE_BRANCH, REGISTER_BRANCH, RESTACK, SYNC
+    from events.kinds.shell import make_shell
 
-    return {k.name: k for k in (DEMO,)}
+    kinds = (DEMO, PROVISION, CLONE, SYNC, REBASE_BRANCH, RESTACK, REGISTER_BRANCH,
+             make_shell(list(shell_allow)))
+    return {k.name: k for k in kinds}

@@ -18,6 +18,7 @@ from events.log import CreateTask, EventLog
 from events.model import EventType, NewEvent
 from events.queue import Queue
 from events.sql import q
+from tests.waiting import eventually_async
 
 E = EventType
 
@@ -61,8 +62,14 @@ async def test_a_naive_sequence_reader_skips_a_late_commit_and_the_log_reader_do
 
         await slow_commit
         naive_later = await _naive_read(database_url, naive_cursor)
-        log_later = await event_log.read_after(cursor)
         assert naive_later == []  # a's event is behind the naive cursor: lost for good
+        log_later: list[Any] = []
+
+        async def readable() -> bool:  # (another transaction on the server may hold xmin)
+            log_later[:] = await event_log.read_after(cursor)
+            return len(log_later) == 2
+
+        await eventually_async(readable)
         assert [e.task for e in log_later] == [a, b]
     finally:
         await slow.close()
@@ -93,7 +100,6 @@ async def test_eight_concurrent_writers_and_a_tailing_reader(event_log: EventLog
     start = await event_log.head()
     written: list[Position] = []
     rng = random.Random(7)
-    stop = asyncio.Event()
 
     async def writer(task: TaskId) -> None:
         conn = await db.connect(database_url)
@@ -108,25 +114,22 @@ async def test_eight_concurrent_writers_and_a_tailing_reader(event_log: EventLog
             await conn.close()
 
     seen: list[Any] = []
+    last = asyncio.get_running_loop().create_future()
 
     async def reader() -> None:
+        # Tails until it has read the newest event written (an empty read only means that
+        # some transaction, anywhere on the server, still holds the snapshot's xmin back).
         cursor = start
-        while True:
-            done = stop.is_set()
+        while not (last.done() and cursor >= last.result()):
             events = await event_log.read_after(cursor, limit=50)
             seen.extend(events)
             if events:
                 cursor = events[-1].position
-            elif done:
-                return
             else:
                 await asyncio.sleep(0.002)
 
     tail = asyncio.create_task(reader())
     await asyncio.gather(*(writer(t) for t in tasks))
-    stop.set()
-    await tail
-
     conn = await asyncpg.connect(database_url)
     try:
         xid, seq = split(start)
@@ -135,6 +138,8 @@ async def test_eight_concurrent_writers_and_a_tailing_reader(event_log: EventLog
         written = [position(r["xid"], r["seq"]) for r in rows]
     finally:
         await conn.close()
+    last.set_result(written[-1])
+    await asyncio.wait_for(tail, 30)
     positions = [e.position for e in seen]
     assert positions == written  # every event, once, in position order
     assert len(written) == 8 * 26

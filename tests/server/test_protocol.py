@@ -171,8 +171,10 @@ async def test_retry_reruns_a_cancelled_task_to_completion(launch: Launch) -> No
     """`retry` of a cancelled task queues it again; it runs and completes."""
     process = await launch(workers=1)
     client = await Client.open(ws_url(process))
+    blocker = await client.request({"type": "create", "kind": "demo", "scope": "p",
+                                    "input": {"steps": 1, "ask_step": 1}})  # parks on its question
     ack = await client.request({"type": "create", "kind": "demo", "scope": "p",
-                                "input": {"steps": 2, "step_ms": 1}, "depends_on": ["tsk_never"]})
+                                "input": {"steps": 2, "step_ms": 1}, "depends_on": [blocker["task"]]})
     assert ack["status"] == "waiting"
     cancelled = await client.request({"type": "cancel", "task": ack["task"]})
     sub = await client.request({"type": "subscribe", "channel": f"task:{ack['task']}",

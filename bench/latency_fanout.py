@@ -1,0 +1,196 @@
+"""Commit-to-socket latency of live updates at 50 events/s, fanned out to 1,000 subscribers.
+
+Same setup as fanout.py: `taskcast serve` and `taskcast relay` as subprocesses, and a child
+process (rawws.py) holding 1,000 raw websockets subscribed to `scope:lat`. This process
+appends one event every 20 ms (one per transaction, round-robin over 10 running tasks) for
+15 s, noting time.monotonic() just before each `append()` and just after it returns; the
+commit happens in between. Every subscriber notes when each of its update frames arrived
+(frames are counted, not parsed: the k-th frame on a socket is the k-th event, as the
+events are appended one after the other); 10 of them also parse each frame and check that
+its task and version are the k-th event's. Latency = arrival - append return (a lower
+bound of commit -> socket) and arrival - append call (an upper bound), over every
+(event, socket) pair; also the latest socket of each event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import time
+from array import array
+
+import psutil
+import uvloop
+from benchlib import REDIS_URL, percentile, scratch_database, unique
+from fanout import FanTask, running_tasks
+from rawws import SubscriberProcess
+from redis.asyncio import Redis
+from subprocs import Background, Children, CpuMeter, cancel_on_sigterm, metrics, raise_nofile, wait_metric
+
+from events import db
+from events.log import EventLog
+from events.wire import decode_batch
+
+SCOPE = "lat"
+SUBSCRIBERS = 1000
+PARSED = 10
+TASKS = 10
+RATE_PER_S = 50
+DURATION_S = 15.0
+WARMUP_S = 2.0
+BUDGET_S = 80.0
+TARGET_P99_MS = 15.0
+
+
+def line(ms: list[float]) -> str:
+    ms.sort()
+    return (f"p50 {percentile(ms, 50):.2f} ms  p90 {percentile(ms, 90):.2f} ms  "
+            f"p99 {percentile(ms, 99):.2f} ms  max {ms[-1]:.2f} ms  (n={len(ms):,})")
+
+
+Appended = list[tuple[str, int, float, float]]
+
+
+async def paced(log: EventLog, tasks: list[FanTask], count: int, interval: float) -> Appended:
+    """Append `count` single events, one every `interval` s on an absolute schedule (a late
+    one is not made up for by bunching). (task, version, before call, after return) each."""
+    out: Appended = []
+    start = time.monotonic() + 0.05
+    for i in range(count):
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = tasks[i % len(tasks)]
+        events = task.batch(1)
+        before = time.monotonic()
+        await task.append(log, events)
+        out.append((task.id, task.view["version"], before, time.monotonic()))
+    return out
+
+
+async def tap(redis: Redis, channel: str, seen: dict[tuple[str, int], float], ready: asyncio.Event) -> None:
+    """Note when each event's relay message reaches a Redis subscriber (as the node's does)."""
+    async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+        await pubsub.subscribe(channel)
+        ready.set()
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is not None and message["type"] == "message":
+                now = time.monotonic()
+                for u in decode_batch(message["data"]).updates:
+                    seen.setdefault((u.task, u.version), now)
+
+
+async def main(subscribers: int, rate: int, duration: float) -> None:
+    cancel_on_sigterm()
+    raise_nofile()
+    count = int(rate * duration)
+    warmup = int(rate * WARMUP_S)
+    channel = unique("taskcast:bench:latfan")
+    published: dict[tuple[str, int], float] = {}
+    async with asyncio.timeout(BUDGET_S), scratch_database("latfan") as url, \
+            Children(url, REDIS_URL, channel) as children, Redis.from_url(REDIS_URL) as redis:
+        tapped = asyncio.Event()
+        tapping = asyncio.create_task(tap(redis, channel, published, tapped))
+        await asyncio.wait_for(tapped.wait(), 10)
+        relay = children.start("relay")
+        node, port = await children.serve(ready=True)
+        pool = await db.create_pool(url, min_size=2, max_size=2)
+        try:
+            log = EventLog(pool)
+            tasks = await running_tasks(log, TASKS, SCOPE)
+            for task in tasks:  # each task on its step already: every measured event is a step.progress
+                await task.append(log, task.batch(1))
+            await wait_metric(port, "taskcast_updates_routed_total", 3 * TASKS)
+            async with SubscriberProcess(port, subscribers, f"scope:{SCOPE}", parse=PARSED,
+                                         record=True) as subs:
+                await subs.arm(warmup, 30)
+                await paced(log, tasks, warmup, 1 / rate)
+                await subs.results(30)
+                await subs.arm(count, duration + 30)
+                background = Background().start()
+                subs_ps = psutil.Process(subs.proc.pid)
+                meter = CpuMeter([node.ps, relay.ps, subs_ps]).start()
+                appended = await paced(log, tasks, count, 1 / rate)
+                results = await subs.results(60)
+                load = background.stop()
+                meter.stop()
+                node.check_alive()
+            m = await metrics(port)
+        finally:
+            tapping.cancel()
+            await asyncio.gather(tapping, return_exceptions=True)
+            await pool.close()
+
+    counts = results["counts"]
+    if min(counts) < count:
+        raise SystemExit(f"not every socket got its {count} frames: min {min(counts)}, "
+                         f"lost {results['lost']}, resyncs {m.get('taskcast_resyncs_total')}")
+    # The parsing subscribers: the k-th frame is the k-th event appended.
+    expected = [(task, version) for task, version, _, _ in appended]
+    for parsed in results["parsed"]:
+        got = [(task, version) for _, task, version in parsed]
+        if got != expected:
+            first = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+                         min(len(got), len(expected)))
+            raise SystemExit(f"a parsing subscriber saw frames in another order than the appends "
+                             f"(first difference at frame {first})")
+    lower: list[float] = []
+    upper: list[float] = []
+    node_ms: list[float] = []
+    latest = [0.0] * count
+    tapped_at = [published.get((task, version), math.nan) for task, version, _, _ in appended]
+    for blob in results["arrivals"]:
+        times = array("d")
+        times.frombytes(blob)
+        for k, (t, (_, _, before, after)) in enumerate(zip(times, appended, strict=True)):
+            if math.isnan(t):
+                continue
+            lower.append((t - after) * 1000)
+            upper.append((t - before) * 1000)
+            if not math.isnan(tapped_at[k]):
+                node_ms.append((t - tapped_at[k]) * 1000)
+            latest[k] = max(latest[k], t)
+    last_lower = [(latest[k] - after) * 1000 for k, (_, _, _, after) in enumerate(appended)]
+    if os.environ.get("TASKCAST_BENCH_DUMP"):  # per event, for a closer look: a CSV
+        with open(os.environ["TASKCAST_BENCH_DUMP"], "w") as out:
+            out.write("k,append_called,append_returned,redis_seen,last_socket\n")
+            for k, (_, _, before, after) in enumerate(appended):
+                out.write(f"{k},{before:.6f},{after:.6f},{tapped_at[k]:.6f},{latest[k]:.6f}\n")
+    append_ms = [(after - before) * 1000 for _, _, before, after in appended]
+    achieved = count / (appended[-1][2] - appended[0][2]) if count > 1 else 0.0
+    print(f"commit -> socket latency: {count:,} events at {rate}/s ({achieved:.1f}/s achieved) for "
+          f"{duration:.0f} s, one per transaction over {TASKS} tasks, to {subscribers:,} raw websocket "
+          f"subscribers of scope:{SCOPE} on one `taskcast serve` node (+ `taskcast relay`, subprocesses), "
+          f"after a {WARMUP_S:.0f} s warm-up; uvloop")
+    print(f"  arrival - append returned (lower bound), every (event, socket): {line(lower)}")
+    print(f"  arrival - append called (upper bound), every (event, socket):   {line(upper)}")
+    print(f"  arrival at the last socket of each event - append returned:      {line(last_lower)}")
+    relay_ms = [(published[(task, version)] - after) * 1000 for task, version, _, after in appended
+                if (task, version) in published]
+    print(f"  relay part: a Redis subscriber here gets the relay's message - append returned: "
+          f"{line(relay_ms)}")
+    print(f"  node part: arrival - that Redis subscriber got the message, every (event, socket): "
+          f"{line(node_ms)}")
+    print(f"  append() itself: {line(append_ms)}")
+    p99 = percentile(sorted(lower), 99)
+    print(f"  target p99 <= {TARGET_P99_MS:.0f} ms: {'met' if p99 <= TARGET_P99_MS else 'NOT met'} "
+          f"(lower bound p99 {p99:.2f} ms); {PARSED} subscribers parsed every frame and saw the events in "
+          f"append order; resyncs {m.get('taskcast_resyncs_total', 0):.0f}")
+    print(f"  CPU meanwhile (% of one core): node {meter.percent([node.pid]):.0f}%, relay "
+          f"{meter.percent([relay.pid]):.0f}%, subscribers {meter.percent([subs_ps.pid]):.0f}%")
+    print(f"  {load}")
+    print("  the relay reads only events below the oldest running transaction of the whole PostgreSQL "
+          "cluster: other write transactions on this server (a test run) raise the tail")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subscribers", type=int, default=SUBSCRIBERS)
+    parser.add_argument("--rate", type=int, default=RATE_PER_S, help="events per second")
+    parser.add_argument("--duration", type=float, default=DURATION_S, help="seconds")
+    args = parser.parse_args()
+    uvloop.run(main(args.subscribers, args.rate, args.duration))

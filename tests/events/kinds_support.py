@@ -1,0 +1,182 @@
+"""What the built-in kinds' tests share: driving a task over the websocket, real git
+repositories made in a temp dir, a git server that never answers, and process lookups."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from events.kinds.proc import gone
+from tests.wsclient import Client
+
+TERMINAL = ("completed", "failed", "cancelled", "timed_out")
+TERMINAL_EVENTS = tuple(f"task.{t}" for t in TERMINAL)
+GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.com",
+           "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.com", "LC_ALL": "C"}
+
+
+# tasks
+
+
+async def create(client: Client, kind: str, input_: dict[str, Any], **fields: Any) -> str:
+    """Create a task with this socket subscribed to it; its id."""
+    ack = await client.request({"type": "create", "kind": kind, "scope": "test", "input": input_,
+                                "subscribe": True, **fields})
+    assert ack["type"] == "ack", ack
+    task: str = ack["task"]
+    return task
+
+
+async def updates_until_end(client: Client, task: str, within: float = 30) -> list[dict[str, Any]]:
+    """The updates of `task` up to its terminal event."""
+    seen: list[dict[str, Any]] = []
+
+    def end(frame: dict[str, Any]) -> bool:
+        if frame["type"] == "update" and frame["event"]["task"] == task:
+            seen.append(frame)
+            return frame["task"]["status"] in TERMINAL
+        return False
+
+    await client.until(end, within)
+    return seen
+
+
+async def run(client: Client, kind: str, input_: dict[str, Any],
+              within: float = 30) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Create a task and watch it to its end: (its last view, its updates)."""
+    task = await create(client, kind, input_)
+    updates = await updates_until_end(client, task, within)
+    return updates[-1]["task"], updates
+
+
+async def until_event(client: Client, task: str, type_: str, step: str | None = None,
+                      within: float = 15) -> dict[str, Any]:
+    """The next update of `task` with an event of `type_` (of `step`, if given)."""
+
+    def match(frame: dict[str, Any]) -> bool:
+        if frame["type"] != "update" or frame["event"]["task"] != task:
+            return False
+        event = frame["event"]
+        return bool(event["type"] == type_ and (step is None or event["data"].get("step") == step))
+
+    return await client.until(match, within)
+
+
+async def history(client: Client, task: str) -> list[dict[str, Any]]:
+    answer = await client.request({"type": "history", "task": task})
+    events: list[dict[str, Any]] = answer["data"]["events"]
+    return events
+
+
+async def terminal_events(client: Client, task: str) -> list[str]:
+    return [e["type"] for e in await history(client, task) if e["type"] in TERMINAL_EVENTS]
+
+
+def output_lines(updates: list[dict[str, Any]]) -> list[str]:
+    return [line for u in updates if u["event"]["type"] == "step.output"
+            for line in u["event"]["data"]["lines"]]
+
+
+def started_steps(updates: list[dict[str, Any]]) -> list[str]:
+    return [u["event"]["data"]["step"] for u in updates if u["event"]["type"] == "step.started"]
+
+
+# git
+
+
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, env=GIT_ENV, check=True, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def new_repo(path: Path) -> Path:
+    """A working tree on `main` with one commit, its identity configured (rebases commit)."""
+    path.mkdir(parents=True)
+    git(path, "init", "-q", "-b", "main")
+    configure(path)
+    commit(path, "README", "hello\n", "initial")
+    return path
+
+
+def configure(repo: Path) -> None:
+    git(repo, "config", "user.name", "Test")
+    git(repo, "config", "user.email", "test@example.com")
+
+
+def commit(repo: Path, file: str, text: str, message: str) -> str:
+    (repo / file).parent.mkdir(parents=True, exist_ok=True)
+    (repo / file).write_text(text)
+    git(repo, "add", file)
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def is_ancestor(repo: Path, a: str, b: str) -> bool:
+    return subprocess.run(["git", "merge-base", "--is-ancestor", a, b], cwd=repo, env=GIT_ENV).returncode == 0
+
+
+def clean_and_idle(repo: Path) -> bool:
+    """Nothing to commit and no rebase in progress."""
+    gitdir = Path(git(repo, "rev-parse", "--absolute-git-dir"))
+    return (git(repo, "status", "--porcelain") == "" and not (gitdir / "rebase-merge").exists()
+            and not (gitdir / "rebase-apply").exists())
+
+
+def stalling_hook(repo: Path, hook: str, pid_file: Path, *, rebasing: str | None = None) -> None:
+    """Install a hook that records its pid and then hangs, so git stops half way there
+    (with `rebasing`: only while that branch is being rebased)."""
+    stall = f"echo $$ > {pid_file}; exec sleep 60"
+    if rebasing is not None:
+        head_name = repo / ".git" / "rebase-merge" / "head-name"
+        stall = f"if grep -qx refs/heads/{rebasing} {head_name} 2>/dev/null; then {stall}; fi"
+    script = repo / ".git" / "hooks" / hook
+    script.write_text(f"#!/bin/sh\n{stall}\n")
+    script.chmod(0o755)
+
+
+@asynccontextmanager
+async def silent_git_server() -> AsyncIterator[str]:
+    """A git:// URL whose server accepts connections and never answers (a stalled remote)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        while await reader.read(4096):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"git://127.0.0.1:{port}/stalled.git"
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
+
+
+# processes
+
+
+def processes_with(text: str) -> list[int]:
+    """Pids of this process's descendants whose command line mentions `text`."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if any(text in part for part in child.cmdline()) and not gone(child.pid):
+                found.append(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def all_gone(pids: list[int]) -> bool:
+    return all(gone(pid) for pid in pids)

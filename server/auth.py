@@ -72,9 +72,12 @@ class Auth:
             raise Unauthorized("invalid token: `scopes` must be a list of strings")
         return Principal(str(claims["sub"]), tuple(scopes), float(claims["exp"]))
 
-    def origin_allowed(self, origin: str) -> bool:
-        """Browser origins: any in dev; with a secret, only the configured ones (or none)."""
+    def origin_allowed(self, origin: str, host: str | None = None) -> bool:
+        """Browser origins: any in dev; with a secret, the page's own origin (the dashboard
+        this server serves) and the configured ones."""
         if self.secret is None and not self.allowed_origins:
+            return True
+        if host is not None and origin.split("://", 1)[-1] == host:
             return True
         return origin in self.allowed_origins or "*" in self.allowed_origins
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -22,8 +23,11 @@ DESCRIPTION = """taskcast: a realtime task event server.
   relay    the relay from the event log to Redis (run two: one leads, one stands by)
   migrate  apply pending database migrations and exit
   token    mint a development token (needs TASKCAST_SECRET)
+  create   create a task on a running server (--watch: follow it to the end)
+  watch    follow a task, or every task of a scope, on a running server
 
-Every subcommand reads DATABASE_URL and REDIS_URL from the environment."""
+dev, serve, worker, relay and migrate read DATABASE_URL and REDIS_URL from the environment;
+create and watch talk to a running server (--url, TASKCAST_URL; --token, TASKCAST_TOKEN)."""
 
 
 def _run(coro: object) -> None:
@@ -56,7 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("subject")
     p.add_argument("--scope", action="append", default=[], help="scope pattern (repeatable)")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
+    # create / watch: clients of a running server, over the websocket (server/watch.py)
+    c = sub.add_parser("create", help="create a task on a running server",
+                       description="create a task over the websocket; --watch follows it to the end")
+    c.add_argument("kind")
+    c.add_argument("--input", type=json.loads, default={}, help="the task's input, a JSON object")
+    c.add_argument("--scope", default="project:demo")
+    c.add_argument("--watch", action="store_true", help="follow the task until it ends")
+    w = sub.add_parser("watch", help="follow tasks on a running server",
+                       description="follow a task until it ends, or a scope's tasks until Ctrl-C")
+    target = w.add_mutually_exclusive_group(required=True)
+    target.add_argument("task", nargs="?", help="a task id")
+    target.add_argument("--scope", help="every task of this scope")
+    for client in (c, w):
+        client.add_argument("--url", default=os.environ.get("TASKCAST_URL", "ws://127.0.0.1:8000/ws"))
+        client.add_argument("--token", default=os.environ.get("TASKCAST_TOKEN"))
     args = parser.parse_args(argv)
+    if args.command in ("create", "watch"):
+        from server import watch
+
+        if args.command == "create":
+            return watch.create(args.url, args.token, kind=args.kind, input_=args.input,
+                                scope=args.scope, watch=args.watch)
+        return watch.watch(args.url, args.token, task=args.task, scope=args.scope)
     logging.basicConfig(level=os.environ.get("TASKCAST_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

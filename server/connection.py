@@ -57,6 +57,7 @@ class Connection(asyncio.Protocol):
         "inflight",
         "last_in",
         "last_out",
+        "last_ping",
         "node",
         "opened_at",
         "outbox",
@@ -76,7 +77,7 @@ class Connection(asyncio.Protocol):
         self.fragments_size = 0
         self.inflight = 0
         self.reading_paused = False
-        self.opened_at = self.last_in = self.last_out = time.monotonic()
+        self.opened_at = self.last_in = self.last_out = self.last_ping = time.monotonic()
         self.closing = False
         self.outbox: list[tuple[Subscription, Position, bytes]] | None = None  # awaiting flush
         self._drained: asyncio.Event | None = None
@@ -178,7 +179,7 @@ class Connection(asyncio.Protocol):
             return
         request = events[0]
         origin = request.headers.get("Origin")
-        if origin is not None and not self.node.auth.origin_allowed(origin):
+        if origin is not None and not self.node.auth.origin_allowed(origin, request.headers.get("Host")):
             response = ws.reject(403, "origin not allowed\n")
         else:
             response = ws.accept(request)

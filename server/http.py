@@ -6,6 +6,7 @@ the ASGI app for one request and returns the raw response bytes.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -61,7 +62,16 @@ class Http:
         out_headers: list[tuple[bytes, bytes]] = []
         body: list[bytes] = []
 
+        requested = False
+
         async def receive() -> dict[str, Any]:
+            # The body once; then block like a connection that stays open (the app's task is
+            # done when the response is). Returning at once again made Starlette's
+            # FileResponse spin on receive() waiting for a disconnect, freezing the loop.
+            nonlocal requested
+            if requested:
+                await asyncio.Future()
+            requested = True
             return {"type": "http.request", "body": b"", "more_body": False}
 
         async def send(message: MutableMapping[str, Any]) -> None:

@@ -166,6 +166,9 @@ class Node:
                     conn.close(4401, "token expired")
                 elif now - conn.last_in > 2 * s.heartbeat_s:
                     conn.close(4408, "client silent")
-                elif now - conn.last_out > s.heartbeat_s:
+                elif now - conn.last_out > s.heartbeat_s or (
+                        now - conn.last_in > s.heartbeat_s and now - conn.last_ping > s.heartbeat_s):
+                    # Idle, or the client has been quiet: a ping it answers keeps it open.
                     serial += 1
                     conn.send({"type": "ping", "id": f"srv-{serial}"})
+                    conn.last_ping = now

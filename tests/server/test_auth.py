@@ -127,3 +127,13 @@ async def test_connections_per_principal_are_limited(launch: Launch) -> None:
     await first.close()
     fourth = await Client.open(ws_url(process), token=token)  # a freed slot is reusable
     assert (await fourth.request({"type": "ping"}))["type"] == "pong"
+
+
+def test_with_a_secret_the_servers_own_origin_is_allowed() -> None:
+    """The dashboard this server serves may connect (Origin matches Host), others may not."""
+    from server.auth import Auth
+
+    auth = Auth(SECRET)
+    assert auth.origin_allowed("http://127.0.0.1:8000", "127.0.0.1:8000")
+    assert not auth.origin_allowed("http://evil.example", "127.0.0.1:8000")
+    assert Auth(None).origin_allowed("http://anything.example", None)

@@ -64,9 +64,11 @@ def event_from_row(row: asyncpg.Record) -> Event:
 class EventLog:
     """The log and the task projection, over a pool."""
 
-    def __init__(self, pool: asyncpg.Pool, *, clock: Clock | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, clock: Clock | None = None,
+                 on_append: Callable[[], None] | None = None) -> None:
         self.pool = pool
         self.clock = clock or SystemClock()
+        self.on_append = on_append  # told after each committed append (the relay's wake-up)
 
     async def create(self, spec: CreateTask, *, principal: str = "", key: str | None = None,
                      task: TaskId | None = None) -> Ack:
@@ -114,6 +116,8 @@ class EventLog:
                 q("append"), task, view["version"], new["status"], new,
                 [e.type.value for e in events], [e.data for e in events], [now] * len(events),
                 fence, job_state, run_at, principal, key)
+        if self.on_append is not None:
+            self.on_append()
         stored = [Event(task, r["version"], e.type, e.data, at, position(r["xid"], r["seq"]),
                         view["scope"]) for r, e in zip(rows, events, strict=True)]
         new = dict(new)

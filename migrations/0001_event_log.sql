@@ -185,8 +185,7 @@ BEGIN
         PERFORM taskcast_remember_key(p_principal, p_key, p_task, p_status, e.xid, e.seq)
            FROM events AS e WHERE e.task_id = p_task AND e.version = p_expected + v_count;
     END IF;
-
-    PERFORM pg_notify('taskcast_events', '');
+    -- No NOTIFY here: the appender wakes the relay through Redis (events/waker.py).
 END
 $$;
 

@@ -19,6 +19,7 @@ from events import db
 from events.kinds import KindSpec, as_kind, builtin
 from events.log import EventLog
 from events.relay import Relay, RelayConfig
+from events.waker import Waker
 from events.worker import Worker, WorkerConfig
 from server.node import Node
 from server.settings import Settings
@@ -75,7 +76,9 @@ class Process:
         kinds = load_kinds(s.kinds, s.shell_allow)
         self.pool = await db.create_pool(s.database_url, min_size=1, max_size=20)
         self.redis = Redis.from_url(s.redis_url)
-        self.log = EventLog(self.pool)
+        self.waker = Waker(self.redis, s.channel)
+        self._tasks.append(asyncio.create_task(self.waker.run(), name="waker"))
+        self.log = EventLog(self.pool, on_append=self.waker.poke)
         if self.roles.relay:
             self.relay = Relay(s.database_url, self.log, self.redis, RelayConfig(channel=s.channel))
             self._tasks.append(asyncio.create_task(self.relay.run(), name="relay"))

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from events.ids import TaskId
 from events.log import EventLog
 from events.relay import Relay, RelayConfig
+from events.waker import Waker
 from server.embedded import restart_valkey, start_valkey, stop_valkey
 from server.process import Process, Roles
 from server.settings import Settings
@@ -51,13 +52,15 @@ async def lossy(settings: Settings) -> AsyncIterator[Process]:
     async with Process(node_settings, Roles(serve=True, workers=2)) as process:
         relay = Relay(settings.database_url, process.log, process.redis,
                       RelayConfig(channel=settings.channel))
-        relaying = asyncio.create_task(relay.run())
+        waker = Waker(process.redis, settings.channel)  # appends wake this relay, not the node's
+        process.log.on_append = waker.poke
+        loops = [asyncio.create_task(relay.run()), asyncio.create_task(waker.run())]
         try:
             yield process
         finally:
-            relaying.cancel()
-            proxy.cancel()
-            await asyncio.gather(relaying, proxy, return_exceptions=True)
+            for task in [*loops, proxy]:
+                task.cancel()
+            await asyncio.gather(*loops, proxy, return_exceptions=True)
 
 
 async def test_subscribers_get_every_version_in_order_when_redis_drops_messages(lossy: Process) -> None:

@@ -1,0 +1,43 @@
+"""The relay's wake-up hint for appended events, sent through Redis.
+
+A NOTIFY in every append would make each committing transaction take PostgreSQL's single,
+cluster-wide notification lock (held through the commit's WAL flush): with many writers
+that lock, not the work, sets the pace. So appends poke a Waker instead, and one loop per
+process publishes a coalesced hint on `<channel>:wake` after the commit. It is only a
+hint (STYLE 11): the relay also polls, and `taskcast_create` still NOTIFYs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("taskcast.waker")
+
+
+def wake_channel(channel: str) -> str:
+    return f"{channel}:wake"
+
+
+class Waker:
+    def __init__(self, redis: Redis, channel: str) -> None:
+        self.redis = redis
+        self.channel = wake_channel(channel)
+        self._poked = asyncio.Event()
+
+    def poke(self) -> None:
+        """Events were committed: the relay should read soon. Cheap; never blocks."""
+        self._poked.set()
+
+    async def run(self) -> None:
+        """Publish one hint per burst of pokes, until cancelled."""
+        while True:
+            await self._poked.wait()
+            self._poked.clear()
+            try:
+                await self.redis.publish(self.channel, b"")
+            except (RedisError, OSError) as exc:
+                log.debug("cannot send a wake-up hint: %s", exc)

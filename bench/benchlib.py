@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+from redis.asyncio import Redis
 
 from events.fold import View
 from events.ids import TaskId
 from events.log import CreateTask, EventLog
 from events.migrate import migrate
 from events.model import EventType, NewEvent
+from events.waker import Waker
 
 ADMIN_URL = os.environ.get("TASKCAST_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TASKCAST_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -115,3 +117,14 @@ def latency_line(seconds: Sequence[float]) -> str:
     ms = sorted(s * 1000 for s in seconds)
     return (f"p50 {percentile(ms, 50):.2f} ms  p90 {percentile(ms, 90):.2f} ms  "
             f"p99 {percentile(ms, 99):.2f} ms  max {ms[-1]:.2f} ms  min {ms[0]:.2f} ms  (n={len(ms)})")
+
+
+def start_waker(redis: Redis, channel: str) -> Waker:
+    """A Waker whose loop runs until the benchmark's event loop ends: what a taskcast
+    process gives its EventLog, so the relay hears of this process's appends at once."""
+    waker = Waker(redis, channel)
+    _wakers.append(asyncio.get_running_loop().create_task(waker.run()))
+    return waker
+
+
+_wakers: list[asyncio.Task[None]] = []

@@ -23,7 +23,7 @@ from array import array
 
 import psutil
 import uvloop
-from benchlib import REDIS_URL, percentile, scratch_database, unique
+from benchlib import REDIS_URL, percentile, scratch_database, start_waker, unique
 from fanout import FanTask, running_tasks
 from rawws import SubscriberProcess
 from redis.asyncio import Redis
@@ -99,7 +99,7 @@ async def main(subscribers: int, rate: int, duration: float) -> None:
         node, port = await children.serve(ready=True)
         pool = await db.create_pool(url, min_size=2, max_size=2)
         try:
-            log = EventLog(pool)
+            log = EventLog(pool, on_append=start_waker(redis, channel).poke)
             tasks = await running_tasks(log, TASKS, SCOPE)
             for task in tasks:  # each task on its step already: every measured event is a step.progress
                 await task.append(log, task.batch(1))

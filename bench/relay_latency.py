@@ -21,7 +21,16 @@ import time
 
 import asyncpg
 import uvloop
-from benchlib import BUDGET_S, REDIS_URL, StepTask, latency_line, running_tasks, scratch_database, unique
+from benchlib import (
+    BUDGET_S,
+    REDIS_URL,
+    StepTask,
+    latency_line,
+    running_tasks,
+    scratch_database,
+    start_waker,
+    unique,
+)
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
@@ -101,7 +110,7 @@ async def main() -> None:
         background: list[asyncio.Task[None]] = []
         others: list[int] = []
         try:
-            log = EventLog(pool)
+            log = EventLog(pool, on_append=start_waker(redis, channel).poke)
             await pubsub.subscribe(channel)
             background.append(asyncio.create_task(received.listen(pubsub)))
             relay = Relay(url, log, redis, RelayConfig(channel=channel))

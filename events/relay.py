@@ -39,7 +39,7 @@ class RelayConfig:
     channel: str
     batch_events: int = 500
     heartbeat_s: float = 1.0
-    poll_s: float = 0.5
+    poll_s: float = 0.1  # the fallback when no wake-up hint arrives
     standby_poll_s: float = 1.0
     save_every_s: float = 0.5
 

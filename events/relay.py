@@ -20,11 +20,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events import db
-from events.aio import raise_if_cancelling, wait_event
+from events.aio import wait_event
 from events.errors import Unavailable
 from events.ids import position, split
 from events.log import EventLog
 from events.projector import Projector
+from events.pubsub import follow
 from events.sql import q
 from events.waker import wake_channel
 from events.wire import encode_batch
@@ -90,27 +91,11 @@ class Relay:
             await asyncio.gather(hints, return_exceptions=True)
 
     async def _hints(self, wake: asyncio.Event) -> None:
-        """Appenders' wake-up hints through Redis (events/waker.py); reconnects with backoff."""
-        delay = 0.05
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(wake_channel(self.config.channel))
-                delay = 0.05
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    raise_if_cancelling()
-                    if message is not None:
-                        wake.set()
-            except (RedisError, OSError) as exc:
-                log.debug("wake-up hints lost, reconnecting: %s", exc)
-            finally:
-                try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                except (RedisError, OSError):
-                    pass
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+        """Appenders' wake-up hints through Redis (events/waker.py)."""
+        async def woken(_: bytes) -> None:
+            wake.set()
+
+        await follow(self.redis, wake_channel(self.config.channel), woken)
 
     async def _publish_loop(self, conn: asyncpg.Connection, wake: asyncio.Event) -> None:
         row = await conn.fetchrow(q("relay_cursor"))

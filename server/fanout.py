@@ -12,13 +12,12 @@ import logging
 import time
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from events.aio import raise_if_cancelling
 from events.errors import Unavailable
 from events.ids import Position
 from events.log import EventLog
 from events.projector import Projector
+from events.pubsub import follow
 from events.wire import decode_batch
 from server.chain import plan
 from server.hub import Hub
@@ -26,7 +25,6 @@ from server.hub import Hub
 log = logging.getLogger("taskcast.fanout")
 
 FILL_PAGE = 1000
-RECONNECT_MAX_S = 2.0
 
 
 class Fanout:
@@ -41,28 +39,10 @@ class Fanout:
         self.relay_lag_s = 0.0
 
     async def run(self) -> None:
-        """Forever: subscribe, consume, and on any Redis failure reconnect with backoff."""
+        """Forever: follow the relay's channel (reconnecting on any Redis failure); each
+        reconnect may have lost messages, which the chain check then repairs."""
         self.hub.head = await self._initial_head()
-        delay = 0.05
-        while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                delay = 0.05
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                    raise_if_cancelling()
-                    if message is not None and message["type"] == "message":
-                        await self.consume(message["data"])
-            except (RedisError, OSError) as exc:
-                log.warning("Redis subscription lost, reconnecting: %s", exc)
-            finally:
-                try:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                except (RedisError, OSError):
-                    pass
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECONNECT_MAX_S)
+        await follow(self.redis, self.channel, self.consume)
 
     async def _initial_head(self) -> Position:
         while True:

@@ -32,19 +32,19 @@ async def settle(log_: EventLog, task: TaskId) -> Status | None:
         status = statuses.get(dep)
         if status is None or status in _FAILED:
             why = f"dependency {dep} {'does not exist' if status is None else status.value}"
-            return await _decide(log_, task, lambda v, why=why: Decision(
-                [NewEvent(E.TASK_FAILED, {"error": why})], job_state="done"))
+            return await _decide(log_, task, Decision([NewEvent(E.TASK_FAILED, {"error": why})],
+                                                      job_state="done"))
     if all(statuses.get(dep) is Status.COMPLETED for dep in view["depends_on"]):
-        return await _decide(log_, task, lambda v: Decision([NewEvent(E.TASK_QUEUED, {})],
-                                                            job_state="queued"))
+        return await _decide(log_, task, Decision([NewEvent(E.TASK_QUEUED, {})], job_state="queued"))
     return None
 
 
-async def _decide(log_: EventLog, task: TaskId, decide: object) -> Status | None:
+async def _decide(log_: EventLog, task: TaskId, decision: Decision) -> Status | None:
+    """Apply `decision` to a task that is still waiting (it may have moved meanwhile)."""
     def guarded(view: View) -> Decision:
         if view["status"] != Status.WAITING:
             raise Conflict("no longer waiting")
-        return decide(view)  # type: ignore[operator, no-any-return]
+        return decision
 
     try:
         ack = await log_.command(task, guarded)

@@ -4,6 +4,7 @@ queries (answered by `result`)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from events import decide, deps
@@ -112,7 +113,8 @@ async def create(session: Session, request: Request) -> dict[str, Any] | None:
     return None
 
 
-async def _command(session: Session, request: Request, decision: Any) -> dict[str, Any]:
+async def _command(session: Session, request: Request,
+                   decision: Callable[[View], decide.Decision]) -> dict[str, Any]:
     started = time.perf_counter()
     principal = session.require_principal()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -37,7 +37,6 @@ class Settings:
     cancel_grace_s: float = 5.0
     scope_limit: int | None = None  # running tasks per scope (TASKCAST_SCOPE_LIMIT)
     retention_s: float = 7 * 24 * 3600.0  # history of ended tasks kept (TASKCAST_RETENTION_S)
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)

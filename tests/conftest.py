@@ -26,6 +26,7 @@ from events.log import EventLog
 from events.migrate import migrate
 from server.process import Process, Roles
 from server.settings import Settings
+from tests.restarting import Restartable
 
 _counter = itertools.count()
 
@@ -112,6 +113,17 @@ async def taskcast(settings: Settings) -> AsyncIterator[Process]:
         assert process.relay is not None
         await asyncio.wait_for(process.relay.leading.wait(), 10)
         yield process
+
+
+@pytest.fixture
+async def server(settings: Settings) -> AsyncIterator[Restartable]:
+    """A server this test can restart on the same port (tests/restarting.py)."""
+    restartable = Restartable(settings)
+    await restartable.start()
+    try:
+        yield restartable
+    finally:
+        await restartable.stop()
 
 
 def ws_url(process: Process) -> str:

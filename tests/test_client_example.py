@@ -6,7 +6,6 @@ import asyncio
 import importlib.util
 import json
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,7 +13,6 @@ from typing import Any
 import pytest
 
 from server.process import Process
-from server.settings import Settings
 from tests.conftest import ws_url
 from tests.restarting import Restartable
 from tests.waiting import eventually
@@ -35,17 +33,6 @@ def _load_client() -> ModuleType:
 
 
 tc = _load_client()
-
-
-@pytest.fixture
-async def server(settings: Settings) -> AsyncIterator[Restartable]:
-    """A server this test can restart on the same port."""
-    server = Restartable(settings)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def _until_terminal(updates: Any, seen: list[Any], within: float = 40) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import pytest
-
 from server.process import Process
 from tests.conftest import ws_url
 from tests.events.kinds_support import (
@@ -24,16 +22,15 @@ from tests.wsclient import Client
 Launch = Callable[..., Awaitable[Process]]
 
 
-async def _client(launch: Launch, monkeypatch: pytest.MonkeyPatch, allow: str, **settings: object) -> Client:
+async def _client(launch: Launch, allow: str, **settings: object) -> Client:
     """A client of a server whose shell kind allows `allow` (comma-separated)."""
     shell_allow = tuple(c for c in allow.split(",") if c)
     return await Client.open(ws_url(await launch(shell_allow=shell_allow, **settings)))
 
 
-async def test_shell_streams_its_output_lines_as_they_come(launch: Launch,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_shell_streams_its_output_lines_as_they_come(launch: Launch) -> None:
     """stdout and stderr lines reach watchers while the command runs, in order, batched."""
-    client = await _client(launch, monkeypatch, "echo,sh")
+    client = await _client(launch, "echo,sh")
     script = "for i in 1 2 3; do echo line $i; sleep 0.3; done; echo oops >&2"
     view, updates = await run(client, "shell", {"command": ["sh", "-c", script]})
     assert view["status"] == "completed" and view["result"] == {"exit_code": 0, "lines": 4}
@@ -43,10 +40,9 @@ async def test_shell_streams_its_output_lines_as_they_come(launch: Launch,
     assert view["output_tail"][-4:] == ["line 1", "line 2", "line 3", "oops"]
 
 
-async def test_shell_refuses_a_command_not_allow_listed(launch: Launch,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_shell_refuses_a_command_not_allow_listed(launch: Launch) -> None:
     """Only allow-listed commands run: another fails the task before any step starts."""
-    client = await _client(launch, monkeypatch, "echo")
+    client = await _client(launch, "echo")
     view, updates = await run(client, "shell", {"command": ["sh", "-c", "echo hi"]})
     assert view["status"] == "failed" and "'sh' is not allowed" in view["error"]
     assert "echo" in view["error"] and started_steps(updates) == []
@@ -54,25 +50,24 @@ async def test_shell_refuses_a_command_not_allow_listed(launch: Launch,
     assert ok["status"] == "completed" and ok["output_tail"] == ["hi"]
 
 
-async def test_shell_without_an_allow_list_is_disabled(launch: Launch,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_shell_without_an_allow_list_is_disabled(launch: Launch) -> None:
     """With TASKCAST_SHELL_ALLOW empty the kind refuses every command, not retryably."""
-    client = await _client(launch, monkeypatch, "")
+    client = await _client(launch, "")
     view, _ = await run(client, "shell", {"command": ["echo", "hi"]})
     assert view["status"] == "failed" and "disabled" in view["error"] and view["attempt"] == 1
 
 
-async def test_shell_fails_on_a_nonzero_exit(launch: Launch, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_shell_fails_on_a_nonzero_exit(launch: Launch) -> None:
     """A command that exits non-zero fails the task with its status; its output is kept."""
-    client = await _client(launch, monkeypatch, "sh")
+    client = await _client(launch, "sh")
     view, _ = await run(client, "shell", {"command": ["sh", "-c", "echo before; exit 3"]})
     assert view["status"] == "failed" and "status 3" in view["error"]
     assert view["output_tail"] == ["before"]
 
 
-async def test_cancel_kills_the_whole_process_group(launch: Launch, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cancel_kills_the_whole_process_group(launch: Launch) -> None:
     """Cancel kills the command and what it spawned; the task ends cancelled, once."""
-    client = await _client(launch, monkeypatch, "sh", cancel_grace_s=0.5)
+    client = await _client(launch, "sh", cancel_grace_s=0.5)
     task = await create(client, "shell", {"command": ["sh", "-c", "echo $$; sleep 60 & echo $!; wait"]})
     pids: list[int] = []
 
@@ -91,9 +86,9 @@ async def test_cancel_kills_the_whole_process_group(launch: Launch, monkeypatch:
     assert await terminal_events(client, task) == ["task.cancelled"]
 
 
-async def test_a_timeout_kills_the_command(launch: Launch, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_timeout_kills_the_command(launch: Launch) -> None:
     """A task past its timeout_s has its command killed and ends timed_out."""
-    client = await _client(launch, monkeypatch, "sh", cancel_grace_s=0.5)
+    client = await _client(launch, "sh", cancel_grace_s=0.5)
     task = await create(client, "shell", {"command": ["sh", "-c", "echo $$; exec sleep 60"]}, timeout_s=1)
     update = await until_event(client, task, "step.output")
     pid = int(update["event"]["data"]["lines"][0])

@@ -17,7 +17,6 @@ import pytest
 
 from server.auth import mint
 from server.process import Process
-from server.settings import Settings
 from tests.conftest import ws_url
 from tests.restarting import Restartable
 from tests.waiting import free_port
@@ -193,17 +192,6 @@ async def test_cancel_and_retry_by_clicking_and_the_screenshots(taskcast: Proces
     await tab.open("#/new")
     await tab.shot("create-1280")
     await client.close()
-
-
-@pytest.fixture
-async def server(settings: Settings) -> AsyncIterator[Restartable]:
-    """A server this test can restart on the same port."""
-    server = Restartable(settings)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def test_a_restart_mid_task_reconnects_and_shows_every_step_once(server: Restartable,

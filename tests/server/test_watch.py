@@ -6,15 +6,12 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from rich.console import Console
 
 from server.client import Update
 from server.process import Process
-from server.settings import Settings
 from server.watch import Board, event_text
 from tests.conftest import ws_url
 from tests.restarting import Restartable
@@ -59,17 +56,6 @@ class Cli:
             raise AssertionError("taskcast did not exit:\n" + self.text) from None
         await self.reader
         return code
-
-
-@pytest.fixture
-async def server(settings: Settings) -> AsyncIterator[Restartable]:
-    """A server this test can restart on the same port."""
-    server = Restartable(settings)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def test_create_watch_prints_every_step_and_exits_0(taskcast: Process) -> None:

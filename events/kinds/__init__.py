@@ -1,15 +1,18 @@
 """Task kinds: async workflows of named steps. See `events.runtime.TaskContext` for the API.
 
 A kind is a `KindSpec`: its `run(ctx)` coroutine, an optional `cleanup(ctx)` run after a
-cancel or timeout, how many attempts a retryable failure gets, and an optional `mutex`
-(jobs with the same one, e.g. one repository, run one at a time). Plugins are registered
+cancel or timeout, how many attempts a retryable failure gets, an optional `mutex`
+(jobs with the same one, e.g. one repository, run one at a time), and an optional
+`validate(input)`: a cheap, pure check run by the node before the `create` is acked, which
+raises `events.errors.BadRequest` naming the field (`input.steps`), so a task that can
+never run is refused at once instead of failing in a worker. Plugins are registered
 by import path (`TASKCAST_KINDS=package.module:attr`); the attr is a KindSpec or a bare
 `async def attr(ctx)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
 
 Run = Callable[["TaskContext"], Coroutine[Any, Any, Any]]
 Cleanup = Callable[["TaskContext"], Awaitable[None]]
+Validate = Callable[[Mapping[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class KindSpec:
     cleanup: Cleanup | None = None
     max_attempts: int = 3
     mutex: Callable[[dict[str, Any]], str | None] | None = None
+    validate: Validate | None = None  # pure; raises BadRequest naming the input field
 
 
 def as_kind(name: str, obj: object) -> KindSpec:

@@ -5,13 +5,18 @@ Nothing outside `events/` imports asyncpg: callers see only `events.errors`.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import asyncpg
 import orjson
 
 from events import errors
+
+log = logging.getLogger("taskcast.db")
 
 Pool = asyncpg.Pool
 Connection = asyncpg.Connection
@@ -24,12 +29,27 @@ _RAISED = {
 }
 
 
+def _decode_jsonb(data: bytes) -> Any:
+    """jsonb in binary form is a version byte (1) followed by the JSON text. What taskcast
+    stored always decodes with orjson; a value written by other means (numbers beyond a
+    double, nesting beyond 1024) falls back to the standard library, and past that to a
+    marker, so one such row cannot make a whole read fail (invariant 9)."""
+    try:
+        return orjson.loads(data[1:])
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(data[1:])
+    except (ValueError, RecursionError):
+        log.error("a stored JSON value cannot be decoded (%d bytes)", len(data))
+        return {"undecodable": True}
+
+
 async def _init(conn: asyncpg.Connection) -> None:
-    # jsonb in binary form is a version byte (1) followed by the JSON text.
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", format="binary",
         encoder=lambda v: b"\x01" + orjson.dumps(v),
-        decoder=lambda b: orjson.loads(b[1:]),
+        decoder=_decode_jsonb,
     )
 
 
@@ -52,12 +72,16 @@ async def connect(url: str) -> asyncpg.Connection:
 
 @contextmanager
 def translate() -> Iterator[None]:
-    """Turn asyncpg and socket errors into taskcast errors."""
+    """Turn asyncpg and socket errors into taskcast errors. Every error of an outage (a
+    server restarting, a connection cut mid-query, a cancelled statement) is Unavailable.
+    A cut after the commit was sent may still have committed: commands carry idempotency
+    keys for that, and a worker checks before it writes again (TaskContext.write)."""
     try:
         yield
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-            asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
-            asyncpg.AdminShutdownError, TimeoutError) as exc:
+    except (OSError, EOFError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+            asyncpg.InternalClientError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+            asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.QueryCanceledError,
+            TimeoutError) as exc:
         raise errors.Unavailable(f"PostgreSQL is unavailable: {exc}") from exc
     except asyncpg.PostgresError as exc:
         # Our SQL functions raise with their own SQLSTATEs (TC...); asyncpg reports those

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
+
 from events.ids import TaskId
 from events.model import EventType, Status, initial_status, next_status
 
@@ -207,3 +209,72 @@ _FOLDS = {
     E.TASK_CANCELLED: _ended,
     E.TASK_TIMED_OUT: _ended,
 }
+
+
+# The view as updates, lists and snapshots carry it (`get` returns the whole view).
+COMPACT_STEPS = 20  # the last steps (and every running one)
+COMPACT_TEXT_CHARS = 500  # a step's message, an error, a question's prompt or option
+COMPACT_TAIL_CHARS = 4000  # the newest output lines that fit
+COMPACT_QUESTIONS = 10
+COMPACT_OPTIONS = 20
+COMPACT_RESULT_BYTES = 4096
+MAX_COMPACT_BYTES = 16 * 1024  # what an update's `task` may encode to, whatever the task did
+_LEFT_OUT = frozenset({"input", "answers", "steps", "output_tail", "questions", "result", "error"})
+
+
+def _cut(text: Any, chars: int = COMPACT_TEXT_CHARS) -> Any:
+    return text[:chars] if isinstance(text, str) else text
+
+
+def _compact_step(step: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in step.items() if k != "result"}
+    for k in ("message", "error"):
+        if k in out:
+            out[k] = _cut(out[k])
+    return out
+
+
+def compact(view: View) -> View:
+    """A bounded copy of `view`: without `input`, `answers` and step results (they are in
+    `task.created`, `task.answered` and `step.completed`, and in `get`), with the last
+    COMPACT_STEPS steps plus every running one (`steps_count` says how many there are),
+    the newest output lines up to COMPACT_TAIL_CHARS, texts cut to COMPACT_TEXT_CHARS, and
+    `result` only when it is small (else null, with `result_truncated`). Invariant 6: an
+    update frame does not grow with the input or with the number of events."""
+    out = {k: v for k, v in view.items() if k not in _LEFT_OUT}
+    steps = view.get("steps") or []
+    first = max(0, len(steps) - COMPACT_STEPS)
+    out["steps"] = [_compact_step(s) for i, s in enumerate(steps)
+                    if i >= first or s.get("status") == "running"]
+    out["steps_count"] = len(steps)
+    tail: list[str] = []
+    budget = COMPACT_TAIL_CHARS
+    for line in reversed(view.get("output_tail") or []):
+        line = _cut(line, budget)
+        budget -= len(line)
+        tail.append(line)
+        if budget <= 0:
+            break
+    out["output_tail"] = tail[::-1]
+    out["questions"] = [
+        {**{k: _cut(v) for k, v in q.items() if k != "options"},
+         **({"options": [_cut(o, 100) for o in q["options"][:COMPACT_OPTIONS]]} if q.get("options") else {})}
+        for q in (view.get("questions") or [])[:COMPACT_QUESTIONS]]
+    out["error"] = _cut(view.get("error"))
+    result = view.get("result")
+    if result is not None and len(orjson.dumps(result)) > COMPACT_RESULT_BYTES:
+        out["result"], out["result_truncated"] = None, True
+    else:
+        out["result"] = result
+    return out
+
+
+def minimal(view: View) -> View:
+    """The smallest view an update can carry: for a compact view still over
+    MAX_COMPACT_BYTES (labels, names and ids are bounded at the edge; this is the last
+    resort), and for an event that could not be folded (`degraded`)."""
+    keep = ("id", "kind", "scope", "status", "step", "progress", "attempt", "version", "position",
+            "created_at", "updated_at", "ended_at", "cancel_requested")
+    out = {k: _cut(view[k], 200) for k in keep if k in view}
+    out["truncated"] = True
+    return out

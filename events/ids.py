@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import time
 from typing import NewType
 
@@ -20,6 +21,8 @@ ZERO = Position(0)
 _SEQ_BITS = 64
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 _POSITION_CHARS = 32
+_HEX = re.compile(r"[0-9a-f]+")
+_BIGINT_MAX = 2**63 - 1
 
 
 def position(xid: int, seq: int) -> Position:
@@ -38,10 +41,15 @@ def encode(pos: Position) -> str:
 
 
 def decode(text: str) -> Position:
-    """Parse a wire position. Raises ValueError when `text` is not one."""
-    if len(text) != _POSITION_CHARS:
-        raise ValueError("a position is 32 hex digits")
-    return Position(int(text, 16))
+    """Parse a wire position strictly: 32 lowercase hex digits whose transaction id and
+    sequence number each fit PostgreSQL's bigint. Raises ValueError when `text` is not one."""
+    if len(text) != _POSITION_CHARS or _HEX.fullmatch(text) is None:
+        raise ValueError("a position is 32 lowercase hex digits")
+    pos = Position(int(text, 16))
+    xid, seq = split(pos)
+    if xid > _BIGINT_MAX or seq > _BIGINT_MAX:
+        raise ValueError("a position's parts fit a bigint")
+    return pos
 
 
 def new_task_id() -> TaskId:

@@ -170,6 +170,12 @@ class EventLog:
             view["position"] = encode(position(row["xid"], row["seq"]))
         return view
 
+    async def scopes(self, tasks: Sequence[str]) -> dict[TaskId, str]:
+        """The scope of each of `tasks` that exists."""
+        async with db.acquire(self.pool) as conn:
+            rows = await conn.fetch(q("task_scopes"), list(tasks))
+        return {TaskId(r["id"]): r["scope"] for r in rows}
+
     async def read_after(self, after: Position = ZERO, *, task: TaskId | None = None,
                          scope: str | None = None, limit: int = READ_PAGE) -> list[Event]:
         """Up to `limit` events after `after`, in position order, that no later commit can

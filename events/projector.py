@@ -7,14 +7,18 @@ task's latest. A cache hit is one `apply`; a miss rebuilds the view from the tas
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 
+from events.errors import Unavailable
 from events.fold import View, apply
 from events.ids import TaskId, encode
 from events.log import EventLog
 from events.model import Event
-from events.wire import Update, update
+from events.wire import Update, degraded, update
+
+log = logging.getLogger("taskcast.projector")
 
 
 class Projector:
@@ -22,18 +26,34 @@ class Projector:
         self.log = log
         self.max_tasks = max_tasks
         self._views: OrderedDict[TaskId, View] = OrderedDict()
+        self.degraded = 0  # events that could not be folded or encoded (their own problem)
 
     async def updates(self, events: Sequence[Event]) -> list[Update]:
-        """The encoded update of each event, in order. Raises Unavailable."""
+        """The encoded update of each event, in order. An event that cannot be folded or
+        encoded is that event's problem (invariant 9): logged, counted, and sent in its
+        degraded form (events.wire.degraded), never an error that would stop the relay's
+        or the node's loop for every other task. Raises Unavailable (nothing is lost: the
+        caller reads the same events again)."""
         out: list[Update] = []
         for event in events:
-            before = self._views.get(event.task)
-            if before is None or before["version"] != event.version - 1:
-                before = await self.log.view_before(event.task, event.version - 1)
-            view = apply(before, event.task, event.version, event.type, event.data, event.at)
-            view["position"] = encode(event.position)
+            try:
+                before = self._views.get(event.task)
+                if before is None or before["version"] != event.version - 1:
+                    before = await self.log.view_before(event.task, event.version - 1)
+                view = apply(before, event.task, event.version, event.type, event.data, event.at)
+                view["position"] = encode(event.position)
+                encoded = update(event, view)
+            except Unavailable:
+                raise
+            except Exception as exc:
+                self.degraded += 1
+                self._views.pop(event.task, None)
+                log.error("event %s of task %s (version %d) cannot be delivered whole, sending it "
+                          "degraded: %r", encode(event.position), event.task, event.version, exc)
+                out.append(degraded(event))
+                continue
             self._remember(event.task, view)
-            out.append(update(event, view))
+            out.append(encoded)
         return out
 
     def _remember(self, task: TaskId, view: View) -> None:

@@ -38,7 +38,10 @@ async def follow(redis: Redis, channel: str, handle: Callable[[bytes], Awaitable
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 raise_if_cancelling()
                 if message is not None and message["type"] == "message":
-                    await handle(message["data"])
+                    try:
+                        await handle(message["data"])
+                    except Exception:  # one message's failure is its own (invariant 9)
+                        log.exception("handling a message of %s failed", channel)
         except (RedisError, OSError) as exc:
             log.warning("subscription to %s lost, reconnecting: %s", channel, exc)
         finally:

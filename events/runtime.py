@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from events.errors import StaleFence, TaskcastError, VersionConflict
+from events.errors import StaleFence, TaskcastError, Unavailable, VersionConflict
 from events.fold import View
 from events.ids import FenceToken, TaskId
 from events.kinds import KindSpec
@@ -46,7 +46,11 @@ E = EventType
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
 MAX_PENDING_LINES = 1000  # output lines buffered between two flushes
+MAX_PENDING_CHARS = 64 * 1024  # and their characters: a `step.output` event stays small
 MAX_LINE_CHARS = 2000
+MAX_DEADLINE_S = 10 * 365 * 24 * 3600.0
+OUTAGE_RETRY_MIN_S = 0.05
+OUTAGE_RETRY_MAX_S = 2.0
 
 
 class LeaseLost(Exception):
@@ -72,8 +76,10 @@ class _Parked(Exception):
 class TaskContext:
     """What a kind's code sees of its task."""
 
-    def __init__(self, log_: EventLog, claim: Claim, *, worker: str, flush_s: float = 0.1) -> None:
+    def __init__(self, log_: EventLog, claim: Claim, *, worker: str, flush_s: float = 0.1,
+                 lease_s: float = 30.0) -> None:
         self.log = log_
+        self.lease_s = lease_s
         self.task = claim.task
         self.fence = claim.fence
         self.attempt = claim.view.get("attempt", 1)
@@ -87,6 +93,7 @@ class TaskContext:
         self._questions = 0
         self._pending_progress: NewEvent | None = None
         self._pending_lines: list[str] = []
+        self._pending_chars = 0
         self._write_lock = asyncio.Lock()
         self._flusher: asyncio.TimerHandle | None = None
         self._flushing: asyncio.Task[None] | None = None
@@ -151,19 +158,26 @@ class TaskContext:
             raise RuntimeError("progress() outside a step")
         data: dict[str, Any] = {"step": self.step_name, "progress": max(0.0, min(1.0, fraction))}
         if message is not None:
-            data["message"] = message
+            data["message"] = message[:MAX_LINE_CHARS].replace("\x00", "\ufffd")
         self._pending_progress = NewEvent(E.STEP_PROGRESS, data)
         self._schedule_flush()
 
     def output(self, lines: list[str]) -> None:
         """Append lines to the current step's output. Buffered and written in batches; at
-        most MAX_PENDING_LINES wait for a flush (older ones are dropped, and counted), and
-        a line is cut at MAX_LINE_CHARS (invariant 6)."""
+        most MAX_PENDING_LINES lines of MAX_PENDING_CHARS characters wait for a flush (older
+        ones are dropped, and counted), and a line is cut at MAX_LINE_CHARS (invariant 6)."""
         if self.step_name is None:
             raise RuntimeError("output() outside a step")
-        self._pending_lines.extend(line[:MAX_LINE_CHARS] for line in lines)
-        excess = len(self._pending_lines) - MAX_PENDING_LINES
-        if excess > 0:
+        for line in lines:
+            line = line[:MAX_LINE_CHARS].replace("\x00", "\ufffd")  # jsonb cannot store NUL
+            self._pending_lines.append(line)
+            self._pending_chars += len(line)
+        excess, count = 0, len(self._pending_lines)
+        while excess < count and (count - excess > MAX_PENDING_LINES
+                                  or self._pending_chars > MAX_PENDING_CHARS):
+            self._pending_chars -= len(self._pending_lines[excess])
+            excess += 1
+        if excess:
             del self._pending_lines[:excess]
             self._dropped_lines += excess
         self._schedule_flush()
@@ -228,12 +242,16 @@ class TaskContext:
                 batch.append(NewEvent(E.STEP_OUTPUT, {"step": self.step_name, "lines": lines}))
             if self._pending_progress is not None and self.step_name is not None:
                 batch.append(self._pending_progress)
-            self._pending_lines, self._pending_progress = [], None
+            self._pending_lines, self._pending_progress, self._pending_chars = [], None, 0
             batch.extend(events)
             if not batch:
                 return
+            outage_since: float | None = None
+            delay = OUTAGE_RETRY_MIN_S
             while True:
                 try:
+                    if outage_since is not None and await self._committed(batch):
+                        return  # the append before the outage did commit: never write it twice
                     self.view, _ = await self.log.append(self.task, self.view, batch, fence=self.fence,
                                                          job_state=job_state, run_at=run_at)
                     return
@@ -244,6 +262,26 @@ class TaskContext:
                     self.view = await self.log.view(self.task)
                     if self.view.get("cancel_requested"):
                         self.cancelled.set()
+                except Unavailable as exc:
+                    # PostgreSQL is restarting or unreachable: wait for it and go on under
+                    # the same fence. Past the lease another worker may own the task, and
+                    # the fence would refuse us anyway: give up then.
+                    now = time.monotonic()
+                    outage_since = now if outage_since is None else outage_since
+                    if now - outage_since > self.lease_s:
+                        raise LeaseLost(f"PostgreSQL unavailable for longer than the lease: {exc}") from exc
+                    log.warning("write of %s waits for PostgreSQL: %s", self.task, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, OUTAGE_RETRY_MAX_S)
+
+    async def _committed(self, batch: list[NewEvent]) -> bool:
+        """After an outage cut an append off, whether it committed: the events after our
+        view's version are exactly `batch`. Then the view is brought up to date."""
+        stored = await self.log.history(self.task, self.view["version"], len(batch))
+        if [(e.type, e.data) for e in stored] != [(e.type, e.data) for e in batch]:
+            return False
+        self.view = await self.log.view(self.task)
+        return True
 
 
 def _message(exc: BaseException) -> str:
@@ -258,10 +296,13 @@ def backoff_s(attempt: int) -> float:
 def deadline(view: View) -> float | None:
     """Seconds left before the task's timeout, or None without one."""
     timeout_s = view.get("timeout_s")
-    if timeout_s is None:
+    if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool):
         return None
     start = datetime.fromisoformat(view["deadline_from"].replace("Z", "+00:00"))
-    return (start + timedelta(seconds=timeout_s) - datetime.now(UTC)).total_seconds()
+    # The edge allows at most 30 days; a larger value stored before it did is capped, not
+    # an OverflowError that would crash the runner.
+    seconds = min(float(timeout_s), MAX_DEADLINE_S)
+    return (start + timedelta(seconds=seconds) - datetime.now(UTC)).total_seconds()
 
 
 async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: KindSpec, *, worker: str,
@@ -269,7 +310,7 @@ async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: KindSpec, 
                     on_context: Callable[[TaskContext | None], None] | None = None) -> Status | None:
     """Run a claimed task until its run ends (or its lease is lost). Returns the terminal
     status it wrote, or None (parked, retrying, lease lost)."""
-    ctx = TaskContext(log_, claim, worker=worker)
+    ctx = TaskContext(log_, claim, worker=worker, lease_s=lease_s)
     if on_context is not None:
         on_context(ctx)
     try:
@@ -277,10 +318,32 @@ async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: KindSpec, 
     except LeaseLost as exc:
         log.warning("stopped %s: %s", ctx.task, exc)
         return None
+    except Exception as exc:
+        # The runner itself failed (not the kind's code, whose errors fail the run in
+        # _finish): end the task now rather than leave it to lease expiry (invariant 9).
+        log.exception("the runner of %s crashed; failing the task", ctx.task)
+        return await _fail_crashed(ctx, exc)
     finally:
         await ctx.close()
         if on_context is not None:
             on_context(None)
+
+
+async def _fail_crashed(ctx: TaskContext, exc: Exception) -> Status | None:
+    """Write `task.failed` for a run whose runner crashed. Returns FAILED, or None when
+    even that cannot be written (the lease is lost, or the task moved on)."""
+    failed: dict[str, Any] = {"error": f"internal error in the worker: {_message(exc)}"[:1000]}
+    if ctx.step_name is not None:
+        failed["step"] = ctx.step_name
+    try:
+        await ctx.write([NewEvent(E.TASK_FAILED, failed)], job_state="done")
+    except (LeaseLost, TaskcastError) as second:
+        log.warning("cannot fail %s after its runner crashed: %s", ctx.task, second)
+        return None
+    except Exception:
+        log.exception("cannot fail %s after its runner crashed", ctx.task)
+        return None
+    return Status.FAILED
 
 
 async def _run(ctx: TaskContext, queue: Queue, kind: KindSpec, lease_s: float,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from events.fold import View
+from events.fold import MAX_COMPACT_BYTES, View, compact, minimal
 from events.ids import Position, TaskId, decode, encode
 from events.model import Event
 
@@ -44,9 +44,29 @@ class Batch:
 
 
 def update(event: Event, view: View) -> Update:
-    """Encode one event and the view after it."""
-    blob = (b',"position":"' + encode(event.position).encode() + b'","event":'
-            + orjson.dumps(event.wire()) + b',"task":' + orjson.dumps(view) + b"}")
+    """Encode one event and the (compact, bounded) view after it. Raises what orjson
+    raises for a value it cannot encode (the projector degrades that event)."""
+    task = orjson.dumps(compact(view))
+    if len(task) > MAX_COMPACT_BYTES:
+        task = orjson.dumps(minimal(view))
+    return _update(event, orjson.dumps(event.wire()), task)
+
+
+def degraded(event: Event) -> Update:
+    """The update of an event that cannot be folded or encoded (stored before the edge
+    checked everything, or written by hand): its identity only, `"degraded": true` on the
+    event and the view, so the version chain stays whole and a client can tell; `history`
+    has what is readable of it. Built from ints and strings alone: it always encodes."""
+    event_wire = {"task": event.task, "version": event.version, "type": str(event.type),
+                  "at": event.at, "data": {}, "degraded": True}
+    view = {"id": event.task, "scope": event.scope, "version": event.version,
+            "position": encode(event.position), "degraded": True}
+    return _update(event, orjson.dumps(event_wire), orjson.dumps(view))
+
+
+def _update(event: Event, event_json: bytes, task_json: bytes) -> Update:
+    blob = (b',"position":"' + encode(event.position).encode() + b'","event":' + event_json
+            + b',"task":' + task_json + b"}")
     return Update(event.position, event.task, event.scope, event.version, blob)
 
 

@@ -16,8 +16,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from events import db, decide, deps
 from events.aio import wait_event
@@ -60,6 +61,7 @@ class Worker:
         self._slot_free = asyncio.Event()
         self.listening = asyncio.Event()
         self._pruned_at = 0.0
+        self.errors = 0  # failures a loop survived (logged with their item)
 
     async def run(self) -> None:
         """Run until cancelled; on cancel, running tasks are cancelled and awaited (their
@@ -97,6 +99,8 @@ class Worker:
                     pass
             except (OSError, TaskcastError) as exc:
                 log.warning("listener lost: %s", exc)
+            except Exception:
+                log.exception("listener failed; reconnecting")
             finally:
                 self.listening.clear()
                 conn.terminate()
@@ -115,6 +119,11 @@ class Worker:
             except Unavailable as exc:
                 log.warning("cannot claim: %s", exc)
                 claims = []
+            except Exception:
+                # Invariant 9: no one job or query stops the loop; back off and go on.
+                log.exception("claim failed")
+                self.errors += 1
+                claims = []
             for claim in claims:
                 task = asyncio.create_task(self._execute(claim), name=f"run {claim.task}")
                 self._running.add(task)
@@ -124,7 +133,10 @@ class Worker:
             await wait_event(self._wake, self.config.poll_s)
 
     async def _execute(self, claim: Claim) -> None:
-        kind = self.kinds[claim.view["kind"]]
+        kind = self.kinds.get(claim.view["kind"])
+        if kind is None:  # claims name only our kinds; a view that disagrees is corrupt
+            log.error("claimed %s of unknown kind %r", claim.task, claim.view.get("kind"))
+            return
 
         def track(ctx: TaskContext | None) -> None:
             if ctx is None:
@@ -136,13 +148,17 @@ class Worker:
                                  lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
                                  on_context=track)
         if status is not None and status.terminal:
-            await deps.release(self.log, claim.task)
+            try:
+                await deps.release(self.log, claim.task)
+            except TaskcastError as exc:  # the maintain loop settles them later
+                log.warning("cannot release the dependents of %s now: %s", claim.task, exc)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._slot_free.set()
         self._wake.set()  # a scope or mutex slot may have opened
         if not task.cancelled() and task.exception() is not None:
+            self.errors += 1
             log.error("task runner crashed", exc_info=task.exception())
 
     async def _maintain_loop(self) -> None:
@@ -151,25 +167,41 @@ class Worker:
                 await self.maintain()
             except TaskcastError as exc:
                 log.warning("maintenance failed: %s", exc)
+            except Exception:
+                log.exception("maintenance failed")
+                self.errors += 1
             await asyncio.sleep(self.config.maintain_every_s)
 
     async def maintain(self) -> None:
-        """One round of rescue, timeouts and dependency settling."""
+        """One round of rescue, timeouts and dependency settling. A task that cannot be
+        timed out or settled is that task's problem: logged, and the round goes on."""
         if await self.queue.rescue():
             self._wake.set()
         async with db.acquire(self.log.pool) as conn:
             expired = [TaskId(r["id"]) for r in await conn.fetch(q("expired_deadlines"), 100)]
             waiting = [TaskId(r["id"]) for r in await conn.fetch(q("waiting_tasks"), 500)]
         for task in expired:
-            await self._time_out(task)
+            await self._each(task, "time out", self._time_out(task))
         for task in waiting:
-            if await deps.settle(self.log, task) is Status.FAILED:
-                await deps.release(self.log, task)
+            await self._each(task, "settle", self._settle(task))
         now = time.monotonic()
         if self.config.retention_s is not None and now - self._pruned_at >= self.config.prune_every_s:
             self._pruned_at = now
             while await self.log.prune(self.config.retention_s) == 1000:
                 pass
+
+    async def _each(self, task: TaskId, what: str, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except Unavailable:
+            raise
+        except Exception:
+            log.exception("cannot %s %s", what, task)
+            self.errors += 1
+
+    async def _settle(self, task: TaskId) -> None:
+        if await deps.settle(self.log, task) is Status.FAILED:
+            await deps.release(self.log, task)
 
     async def _time_out(self, task: TaskId) -> None:
         """Time out a task whose worker is gone (a live worker times out its own tasks)."""

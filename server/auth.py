@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 
-from events.errors import Forbidden, Unauthorized
+from events.errors import Forbidden, NotFound, Unauthorized
 
 ALGORITHM = "HS256"
 
@@ -35,9 +38,21 @@ class Principal:
         return known
 
     def require(self, scope: str) -> None:
-        """Raises Forbidden unless the principal holds `scope`."""
+        """Raises Forbidden unless the principal holds `scope` (a scope the client named
+        itself: the message names nothing else)."""
         if not self.may(scope):
-            raise Forbidden(f"scope {scope!r} is not granted to {self.name!r}")
+            raise Forbidden(f"scope {scope!r} is not granted to this token")
+
+    def require_task(self, view: Mapping[str, Any]) -> None:
+        """Raises NotFound, exactly as for a task that does not exist, unless the principal
+        may read the task of `view`: a task's existence cannot be probed (PROTOCOL.md)."""
+        if not self.may(view["scope"]):
+            raise NotFound(not_found_message(view["id"]))
+
+
+def not_found_message(task: str) -> str:
+    """The one message of a missing (or invisible) task."""
+    return f"no task {task}"
 
 
 ANONYMOUS = Principal("anonymous", ("*",))
@@ -47,6 +62,14 @@ ANONYMOUS = Principal("anonymous", ("*",))
 def _match(pattern: str, scope: str) -> bool:
     return pattern == "*" or pattern == scope or (
         any(c in pattern for c in "*?[") and fnmatch.fnmatchcase(scope, pattern))
+
+
+def origin_of(url: str) -> str | None:
+    """The origin (`scheme://host[:port]`) of a URL, as browsers send it; None if it has none."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}".lower()
 
 
 class Auth:
@@ -72,14 +95,18 @@ class Auth:
             raise Unauthorized("invalid token: `scopes` must be a list of strings")
         return Principal(str(claims["sub"]), tuple(scopes), float(claims["exp"]))
 
-    def origin_allowed(self, origin: str, host: str | None = None) -> bool:
-        """Browser origins: any in dev; with a secret, the page's own origin (the dashboard
-        this server serves) and the configured ones."""
-        if self.secret is None and not self.allowed_origins:
+    def origin_allowed(self, origin: str, own: tuple[str, ...] = ()) -> bool:
+        """Whether a browser page of `origin` may open a socket: one of the configured
+        origins (TASKCAST_ALLOWED_ORIGINS, `*` for any) or of the server's own (`own`: its
+        public URL and its loopback addresses, where the dashboard it serves comes from).
+
+        Never judged by the request's `Host` header, which the page's script controls
+        through DNS (rebinding: evil.example resolving to 127.0.0.1 sends both `Origin` and
+        `Host` as evil.example), with or without a secret."""
+        if "*" in self.allowed_origins:
             return True
-        if host is not None and origin.split("://", 1)[-1] == host:
-            return True
-        return origin in self.allowed_origins or "*" in self.allowed_origins
+        origin = origin.lower()
+        return origin in own or origin in (o.lower().rstrip("/") for o in self.allowed_origins)
 
 
 def mint(secret: str, subject: str, scopes: list[str], *, ttl_s: float = 3600) -> str:

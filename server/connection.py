@@ -27,7 +27,7 @@ from websockets.typing import Subprotocol
 
 from events.ids import Position, encode
 from server import wsframe
-from server.frames import FrameError, decode
+from server.protocol.frames import FrameError, decode
 
 if TYPE_CHECKING:
     from server.hub import Subscription
@@ -179,7 +179,7 @@ class Connection(asyncio.Protocol):
             return
         request = events[0]
         origin = request.headers.get("Origin")
-        if origin is not None and not self.node.auth.origin_allowed(origin, request.headers.get("Host")):
+        if origin is not None and not self.node.origin_allowed(origin):
             response = ws.reject(403, "origin not allowed\n")
         else:
             response = ws.accept(request)
@@ -220,7 +220,7 @@ class Connection(asyncio.Protocol):
     def _message(self, data: bytes) -> None:
         assert self.session is not None
         try:
-            request = decode(data)
+            request = decode(data, self.node.frame_limits)
         except FrameError as exc:
             self.session.refuse(exc)
             return

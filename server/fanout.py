@@ -36,6 +36,7 @@ class Fanout:
         self.projector = projector
         self.last_message_at = 0.0  # monotonic; readiness needs messages to actually flow
         self.gaps_filled = 0
+        self.errors = 0  # messages whose routing failed (logged; the loop goes on)
         self.relay_lag_s = 0.0
 
     async def run(self) -> None:
@@ -53,10 +54,20 @@ class Fanout:
                 await asyncio.sleep(1.0)
 
     async def consume(self, message: bytes) -> None:
-        """Route one relay message, filling any gap before it from the log."""
+        """Route one relay message, filling any gap before it from the log. A message that
+        fails is that message's problem (invariant 9): logged and counted; what it carried
+        is repaired from the log when the next message shows the gap."""
+        try:
+            await self._consume(message)
+        except Exception:
+            self.errors += 1
+            log.exception("routing a relay message failed")
+
+    async def _consume(self, message: bytes) -> None:
         try:
             batch = decode_batch(message)
         except (ValueError, KeyError, TypeError):
+            self.errors += 1
             log.error("dropping a malformed relay message")
             return
         self.last_message_at = time.monotonic()

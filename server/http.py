@@ -104,6 +104,8 @@ class Metrics:
         self.frames_in = 0
         self.frames_out = 0
         self.resyncs = 0
+        self.bad_frames = 0
+        self.internal_errors = 0
         self.acks = 0
         self.ack_buckets = [0] * len(self.ACK_BUCKETS_S)
         self.ack_seconds = 0.0
@@ -129,6 +131,14 @@ class Metrics:
             f"taskcast_updates_routed_total {node.hub.routed}",
             "# TYPE taskcast_resyncs_total counter",
             f"taskcast_resyncs_total {self.resyncs}",
+            "# TYPE taskcast_bad_frames_total counter",
+            f"taskcast_bad_frames_total {self.bad_frames}",
+            "# TYPE taskcast_internal_errors_total counter",
+            f"taskcast_internal_errors_total {self.internal_errors}",
+            "# TYPE taskcast_degraded_updates_total counter",
+            f"taskcast_degraded_updates_total {node.projector.degraded}",
+            "# TYPE taskcast_fanout_errors_total counter",
+            f"taskcast_fanout_errors_total {node.fanout.errors}",
             "# TYPE taskcast_gaps_filled_total counter",
             f"taskcast_gaps_filled_total {node.fanout.gaps_filled}",
             "# TYPE taskcast_relay_lag_seconds gauge",

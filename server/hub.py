@@ -34,11 +34,13 @@ class Subscription:
     """One channel on one socket. While `pending` is a list the subscription is catching
     up (from the log or a snapshot) and live updates are held there, in order."""
 
-    __slots__ = ("active", "channel", "cursor", "floor", "pending", "sink")
+    __slots__ = ("active", "channel", "cursor", "floor", "pending", "scope", "sink")
 
-    def __init__(self, sink: Sink, channel: str, cursor: Position = ZERO) -> None:
+    def __init__(self, sink: Sink, channel: str, cursor: Position = ZERO, *,
+                 scope: str | None = None) -> None:
         self.sink = sink
         self.channel = channel
+        self.scope = scope  # the scope a `task:` or `scope:` channel needs (None for `all`)
         self.cursor = cursor  # updates at or before this position were delivered
         self.floor: dict[TaskId, int] = {}  # per task: versions at or below were delivered
         self.pending: list[tuple[Update, bytes]] | None = []

@@ -16,12 +16,13 @@ from events.aio import wait_event
 from events.kinds import KindSpec
 from events.log import EventLog
 from events.projector import Projector
-from server.auth import Auth
+from server.auth import Auth, origin_of
 from server.commands import handlers
 from server.connection import Connection
 from server.fanout import Fanout
 from server.http import READY_WITHIN_S, Http, Metrics
 from server.hub import Hub
+from server.protocol.frames import FrameLimits
 from server.session import SessionState
 from server.settings import Settings
 
@@ -52,6 +53,22 @@ class Node:
         self._all_closed = asyncio.Event()
         self.failed = asyncio.Event()  # a background loop died: the process should stop
         self._per_principal: dict[str, int] = {}
+        self.frame_limits = FrameLimits(max_input_bytes=settings.max_input_bytes,
+                                        max_json_depth=settings.max_json_depth)
+
+    def own_origins(self) -> tuple[str, ...]:
+        """The browser origins of this server itself: its public URL, and its loopback
+        addresses on its port (where the dashboard it serves is opened in development)."""
+        port = self.settings.port
+        own = [f"http://{host}:{port}" for host in ("127.0.0.1", "localhost", "[::1]")]
+        if self.settings.public_url and (public := origin_of(self.settings.public_url)):
+            own.append(public)
+        return tuple(own)
+
+    def origin_allowed(self, origin: str) -> bool:
+        """Whether a browser page of `origin` may open a socket (server/auth.py says why the
+        request's Host header plays no part)."""
+        return self.auth.origin_allowed(origin, self.own_origins())
 
     def admit(self, principal: str) -> bool:
         """Count a socket against its principal's limit; False when over it."""

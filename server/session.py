@@ -1,8 +1,13 @@
 """A websocket session: the hello gate, dispatch of requests, its subscriptions.
 
-States: AWAITING_HELLO -> OPEN -> CLOSED. Before `hello` is answered only `ping` is served
-(anything else: `unauthorized`). Requests that need I/O run as tasks owned by the node;
-their answers carry the request's `id`.
+States: AWAITING_HELLO -> OPEN -> CLOSED (and AWAITING_HELLO -> CLOSED). `hello` is
+answered synchronously, as it is read (verifying a token needs no I/O), so a second
+`hello` in the same TCP write already finds the session OPEN and is `bad_request`; before
+`hello` is answered only `ping` is served (anything else: `unauthorized`). Requests that
+need I/O run as tasks owned by the node; their answers carry the request's `id`.
+
+Admission (the principal's connection count) is taken once, by the accepted `hello`, and
+released exactly once, when the session closes, whichever way it ends.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from events.errors import BadRequest, TaskcastError, Unauthorized
 from server.auth import Principal
-from server.frames import FrameError, Request
+from server.protocol.frames import FrameError, Request
 
 if TYPE_CHECKING:
     from server.connection import Connection
@@ -49,6 +54,7 @@ class Session:
         self.state = SessionState.AWAITING_HELLO
         self.id = "ses_" + secrets.token_hex(8)
         self.principal: Principal | None = None
+        self.admitted: str | None = None  # the principal counted against its limit
         self.subscriptions: dict[str, Subscription] = {}
         self.window_start = time.monotonic()
         self.window_frames = 0
@@ -63,22 +69,26 @@ class Session:
 
     def refuse(self, exc: FrameError) -> None:
         self.node.metrics.frames_in += 1
+        self.node.metrics.bad_frames += 1
         self.error(exc.id, "bad_request", str(exc))
 
     def handle(self, request: Request) -> None:
         self.node.metrics.frames_in += 1
-        if not self._within_rate(request):
+        if self.state is SessionState.CLOSED or not self._within_rate(request):
             return
         if request.type == "pong":
             return
         if request.type == "ping":
             self.conn.send({"type": "pong", "id": request.id})
             return
-        if self.state is SessionState.AWAITING_HELLO and request.type != "hello":
-            self.error(request.id, "unauthorized", "send `hello` first")
+        if request.type == "hello":
+            if self.state is not SessionState.AWAITING_HELLO:
+                self.error(request.id, "bad_request", "`hello` was answered already")
+            else:
+                self._hello(request)
             return
-        if request.type == "hello" and self.state is not SessionState.AWAITING_HELLO:
-            self.error(request.id, "bad_request", "`hello` was answered already")
+        if self.state is not SessionState.OPEN:
+            self.error(request.id, "unauthorized", "send `hello` first")
             return
         handler = self.node.handlers[request.type]
         self.conn.request_started()
@@ -95,6 +105,7 @@ class Session:
             raise
         except Exception:
             log.exception("%s failed", request.type)
+            self.node.metrics.internal_errors += 1
             self.error(request.id, "internal", "internal error", True)
         finally:
             self.conn.request_done()
@@ -126,14 +137,29 @@ class Session:
 
     # hello
 
-    def welcome(self, request: Request, principal: Principal) -> dict[str, Any]:
+    def _hello(self, request: Request) -> None:
+        """Verify the token, admit the principal, answer `welcome` (or close)."""
+        try:
+            principal = self.node.auth.verify(request.fields.get("token"))
+        except Unauthorized as exc:
+            self.conn.close(4401, str(exc)[:120])
+            return
+        if not principal.scopes:
+            self.conn.close(4403, "the token grants no scope")
+            return
+        if not self.node.admit(principal.name):
+            self.conn.close(4429, "too many connections for this principal")
+            return
+        self.admitted = principal.name
         self.principal = principal
         self._to(SessionState.OPEN)
         s = self.node.settings
-        return {"type": "welcome", "id": request.id, "session": self.id, "node": s.node_id,
-                "heartbeat_s": s.heartbeat_s,
-                "limits": {"max_frame_bytes": s.max_frame_bytes,
-                           "max_subscriptions": s.max_subscriptions, "rate_per_s": s.rate_per_s}}
+        self.conn.send({"type": "welcome", "id": request.id, "session": self.id, "node": s.node_id,
+                        "heartbeat_s": s.heartbeat_s,
+                        "limits": {"max_frame_bytes": s.max_frame_bytes,
+                                   "max_subscriptions": s.max_subscriptions, "rate_per_s": s.rate_per_s,
+                                   "max_input_bytes": s.max_input_bytes,
+                                   "max_json_depth": s.max_json_depth}})
 
     def require_principal(self) -> Principal:
         if self.principal is None:
@@ -157,8 +183,10 @@ class Session:
             del self.subscriptions[sub.channel]
 
     def closed(self) -> None:
-        if self.state is SessionState.OPEN and self.principal is not None:
-            self.node.release(self.principal.name)
+        """The socket ended: release admission once, drop every subscription. Idempotent."""
+        if self.admitted is not None:
+            self.node.release(self.admitted)
+            self.admitted = None
         if self.state is not SessionState.CLOSED:
             self._to(SessionState.CLOSED)
         for sub in list(self.subscriptions.values()):

@@ -17,7 +17,8 @@ class Settings:
     node_id: str = ""
     channel: str = "taskcast:events"  # the relay's Redis channel
     secret: str | None = None  # HS256 secret; None: no auth (dev)
-    allowed_origins: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides the server's own
+    public_url: str | None = None  # where browsers reach this server (its origin is allowed)
     kinds: tuple[str, ...] = ()  # extra kinds, "package.module:attr"
     shell_allow: tuple[str, ...] = ()  # commands the `shell` kind may run; none: disabled
     # limits (PROTOCOL.md: welcome.limits)
@@ -30,6 +31,8 @@ class Settings:
     send_buffer_bytes: int = 256 * 1024  # past this a subscription gets `resync`
     send_buffer_hard_bytes: int = 1024 * 1024  # past this the socket is closed (4429)
     max_inflight: int = 32  # concurrent commands/queries per socket before reading pauses
+    max_input_bytes: int = 64 * 1024  # a create's `input` (an answer's `answer`), encoded
+    max_json_depth: int = 32  # nesting of objects and arrays in `input` and `answer`
     # workers
     workers: int = 2
     worker_concurrency: int = 8
@@ -49,7 +52,9 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         "database_url": env.get("DATABASE_URL", ""),
         "redis_url": env.get("REDIS_URL", ""),
         "secret": env.get("TASKCAST_SECRET") or None,
-        "allowed_origins": tuple(o for o in env.get("TASKCAST_ALLOWED_ORIGINS", "").split(",") if o),
+        "allowed_origins": tuple(o.strip() for o in env.get("TASKCAST_ALLOWED_ORIGINS", "").split(",")
+                                 if o.strip()),
+        "public_url": env.get("TASKCAST_PUBLIC_URL") or None,
         "kinds": tuple(k for k in env.get("TASKCAST_KINDS", "").split(",") if k),
         "shell_allow": tuple(c.strip() for c in env.get("TASKCAST_SHELL_ALLOW", "").split(",") if c.strip()),
     }
@@ -61,6 +66,10 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         values["retention_s"] = float(env["TASKCAST_RETENTION_S"])
     if env.get("TASKCAST_SCOPE_LIMIT"):
         values["scope_limit"] = int(env["TASKCAST_SCOPE_LIMIT"])
+    if env.get("TASKCAST_MAX_INPUT_BYTES"):
+        values["max_input_bytes"] = int(env["TASKCAST_MAX_INPUT_BYTES"])
+    if env.get("TASKCAST_MAX_JSON_DEPTH"):
+        values["max_json_depth"] = int(env["TASKCAST_MAX_JSON_DEPTH"])
     if "TASKCAST_CHANNEL" in env:
         values["channel"] = env["TASKCAST_CHANNEL"]
     values.update({k: v for k, v in overrides.items() if v is not None})

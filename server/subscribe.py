@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from events.errors import BadRequest, NotFound
-from events.ids import ZERO, Position, TaskId, decode, encode
+from events.fold import compact
+from events.ids import ZERO, Position, TaskId, encode
 from events.tasks import MAX_LIST, TaskQuery, list_tasks
-from server.frames import Request
 from server.hub import Subscription, frame
+from server.protocol.frames import Request
 
 if TYPE_CHECKING:
     from server.session import Session
@@ -31,14 +32,9 @@ def parse_channel(channel: str) -> tuple[str, str]:
 
 
 async def subscribe(session: Session, request: Request) -> None:
-    f = request.fields
-    since = None
-    if f.get("since") is not None:
-        try:
-            since = decode(f["since"])
-        except ValueError:
-            raise BadRequest("`since` is not a position this server gave out") from None
-    await follow(session, f["channel"], since=since, snapshot=bool(f.get("snapshot")), request=request)
+    f = request.fields  # `since` arrives decoded (server/protocol/frames.py)
+    await follow(session, f["channel"], since=f.get("since"), snapshot=bool(f.get("snapshot")),
+                 request=request)
 
 
 async def follow(session: Session, channel: str, *, since: Position | None,
@@ -49,18 +45,21 @@ async def follow(session: Session, channel: str, *, since: Position | None,
     kind, name = parse_channel(channel)
     node = session.node
     view = None
+    scope: str | None = None
     if kind == "task":
         view = await node.log.view(TaskId(name))
-        principal.require(view["scope"])
+        principal.require_task(view)  # a task it may not read is one that does not exist
+        scope = view["scope"]
     elif kind == "scope":
         principal.require(name)
+        scope = name
     if from_start:
         since = ZERO
     elif since is not None and since <= await node.log.retention_floor():
         # Retention trimmed events after `since`: it cannot be resumed exactly. PROTOCOL.md:
         # recovered false, with the current views instead.
         since, snapshot = None, True
-    sub = Subscription(session.conn, channel, since or ZERO)
+    sub = Subscription(session.conn, channel, since or ZERO, scope=scope)
     session.add_subscription(sub)
     answer: dict[str, Any] = {"type": "subscribed", "channel": channel, "recovered": False,
                               "tasks": []}
@@ -74,12 +73,13 @@ async def follow(session: Session, channel: str, *, since: Position | None,
             await _catch_up(session, sub, kind, name)
         elif snapshot:
             if view is not None:
-                views, answer["position"] = [view], view["position"]
+                views, answer["position"] = [compact(view)], view["position"]
             else:
                 page = await list_tasks(node.pool, TaskQuery(
                     scope=name or None, limit=MAX_LIST,
                     scope_patterns=None if "*" in principal.scopes else principal.scopes))
-                views, answer["position"] = page.tasks, encode(page.position)
+                views = [compact(v) for v in page.tasks if principal.may(v["scope"])]
+                answer["position"] = encode(page.position)
             # Live updates the snapshot already contains are skipped, per task, by version.
             sub.floor.update({TaskId(v["id"]): v["version"] for v in views})
             answer["tasks"] = views
@@ -97,7 +97,6 @@ async def follow(session: Session, channel: str, *, since: Position | None,
 async def _catch_up(session: Session, sub: Subscription, kind: str, name: str) -> None:
     """Deliver every event of the channel after the subscription's cursor, from the log."""
     node = session.node
-    principal = session.require_principal()
     while sub.active:
         events = await node.log.read_after(
             sub.cursor, task=TaskId(name) if kind == "task" else None,
@@ -105,7 +104,8 @@ async def _catch_up(session: Session, sub: Subscription, kind: str, name: str) -
         if not events:
             return
         for update in await node.projector.updates(events):
-            if kind != "all" or principal.may(update.scope):
+            # The principal as it is now: a `refresh` during the catch-up narrows it at once.
+            if kind != "all" or session.conn.may_read(update.scope):
                 sub.deliver(update, frame(sub.channel, update))
             elif update.position > sub.cursor:
                 sub.cursor = update.position

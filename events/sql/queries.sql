@@ -118,12 +118,14 @@ SELECT t.id FROM tasks AS t WHERE t.status = 'waiting' AND t.view -> 'depends_on
 SELECT t.id FROM tasks AS t WHERE t.status = 'waiting' ORDER BY t.created_at LIMIT $1;
 
 -- name: expired_deadlines
--- Active tasks past their timeout whose job nobody holds a live lease on.
+-- Active tasks past their timeout whose job nobody holds a live lease on. The timeout is
+-- capped at ten years: a larger one (stored before the edge refused it) must not overflow
+-- the timestamp and fail the query for every task.
 SELECT t.id FROM tasks AS t JOIN jobs AS j ON j.task_id = t.id
  WHERE t.status IN ('queued', 'running', 'retrying', 'waiting_answer', 'waiting')
-   AND (t.view ->> 'timeout_s') IS NOT NULL
+   AND jsonb_typeof(t.view -> 'timeout_s') = 'number'
    AND (t.view ->> 'deadline_from')::timestamptz
-       + make_interval(secs => (t.view ->> 'timeout_s')::double precision) < now()
+       + make_interval(secs => least((t.view ->> 'timeout_s')::double precision, 315360000)) < now()
    AND (j.state <> 'running' OR j.lease_expires_at < now())
  LIMIT $1;
 
@@ -158,3 +160,7 @@ SELECT (SELECT count(*) FROM old) AS tasks, (SELECT count(*) FROM gone) AS event
 
 -- name: retention_floor
 SELECT xid, seq FROM retention;
+
+-- name: task_scopes
+-- The scope of each named task that exists (authorization of `depends_on`).
+SELECT t.id, t.scope FROM tasks AS t WHERE t.id = ANY ($1::text[]);

@@ -50,7 +50,8 @@ async def test_a_token_granting_no_scope_is_closed_4403(launch: Launch) -> None:
 
 async def test_project_1_can_neither_create_read_nor_receive_project_2(launch: Launch) -> None:
     """A token for project:1 cannot create in, get, list, read history of or subscribe to
-    project:2, and never receives its events on `all`."""
+    project:2, and never receives its events on `all`. Naming the scope is `forbidden`;
+    naming a task of it answers exactly as a task that does not exist."""
     process = await launch(secret=SECRET)
     admin = await Client.open(ws_url(process), token=mint(SECRET, "admin", ["*"]))
     one = await Client.open(ws_url(process), token=mint(SECRET, "one", ["project:1"]))
@@ -62,13 +63,26 @@ async def test_project_1_can_neither_create_read_nor_receive_project_2(launch: L
                               "input": {"steps": 1, "step_ms": 1}})
     assert mine["type"] == "ack"
     for frame in ({"type": "create", "kind": "demo", "scope": "project:2", "input": {}},
-                  {"type": "get", "task": other["task"]},
-                  {"type": "history", "task": other["task"]},
-                  {"type": "cancel", "task": other["task"]},
                   {"type": "list", "scope": "project:2"},
-                  {"type": "subscribe", "channel": "scope:project:2"},
-                  {"type": "subscribe", "channel": f"task:{other['task']}"}):
+                  {"type": "subscribe", "channel": "scope:project:2"}):
         assert (await one.request(frame))["code"] == "forbidden", frame
+    missing = "tsk_" + "a" * 26
+    for template in ({"type": "get"}, {"type": "history"}, {"type": "cancel"}, {"type": "retry"},
+                     {"type": "answer", "question": "q_1", "answer": "yes"},
+                     {"type": "subscribe", "channel": "task:{}"},
+                     {"type": "create", "kind": "demo", "scope": "project:1", "input": {},
+                      "depends_on": ["{}"]}):
+        answers = []
+        for task in (other["task"], missing):
+            frame = {k: (v.replace("{}", task) if isinstance(v, str) else
+                         [x.replace("{}", task) for x in v] if isinstance(v, list) else v)
+                     for k, v in template.items()}
+            frame.setdefault("task", task)
+            if frame["type"] in ("subscribe", "create"):
+                del frame["task"]
+            error = await one.request(frame)
+            answers.append((error["code"], error["message"].replace(task, "<task>")))
+        assert answers[0] == answers[1] == ("not_found", "no task <task>"), (template, answers)
 
     listed = (await one.request({"type": "list"}))["data"]["tasks"]
     assert [t["id"] for t in listed] == [mine["task"]]
@@ -129,11 +143,34 @@ async def test_connections_per_principal_are_limited(launch: Launch) -> None:
     assert (await fourth.request({"type": "ping"}))["type"] == "pong"
 
 
-def test_with_a_secret_the_servers_own_origin_is_allowed() -> None:
-    """The dashboard this server serves may connect (Origin matches Host), others may not."""
+def test_origins_are_the_servers_own_and_the_configured_ones_never_the_host() -> None:
+    """The server's own origins and the configured ones may connect; an origin is never
+    trusted for matching the request's Host (DNS rebinding), with or without a secret."""
     from server.auth import Auth
 
-    auth = Auth(SECRET)
-    assert auth.origin_allowed("http://127.0.0.1:8000", "127.0.0.1:8000")
-    assert not auth.origin_allowed("http://evil.example", "127.0.0.1:8000")
-    assert Auth(None).origin_allowed("http://anything.example", None)
+    own = ("http://127.0.0.1:8000", "https://tasks.example")
+    for auth in (Auth(SECRET), Auth(None)):
+        assert auth.origin_allowed("http://127.0.0.1:8000", own)
+        assert auth.origin_allowed("HTTPS://tasks.example", own)
+        assert not auth.origin_allowed("http://evil.example", own)
+    assert Auth(SECRET, ("https://app.example/",)).origin_allowed("https://app.example", own)
+    assert Auth(None, ("*",)).origin_allowed("http://anything.example", own)
+
+
+async def test_an_origin_echoed_in_host_is_refused(launch: Launch) -> None:
+    """`Origin: http://evil.example` with `Host: evil.example` (a rebinding page) gets 403,
+    and the dashboard's own origin is served; also with no secret (development)."""
+    for secret in (SECRET, None):
+        process = await launch(secret=secret, workers=0, relay=False)
+        port = process.settings.port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /ws HTTP/1.1\r\nHost: evil.example\r\nOrigin: http://evil.example\r\n"
+                     b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+        async with asyncio.timeout(5):
+            status = await reader.readline()
+        writer.close()
+        assert b" 403 " in status, status
+        async with connect(ws_url(process), origin=f"http://127.0.0.1:{port}") as ws:  # type: ignore[arg-type]
+            await ws.send('{"type":"ping","id":1}')
+            assert "pong" in str(await ws.recv())

@@ -77,7 +77,7 @@ async def create(session: Session, request: Request) -> dict[str, Any] | None:
     principal.require(scope)
     kind_spec = node.kinds.get(kind)
     if kind_spec is None:
-        raise BadRequest(f"`kind` {kind!r} is not known; known: {', '.join(sorted(node.kinds))}")
+        raise BadRequest(f"unknown kind {kind!r} in `kind`; known: {', '.join(sorted(node.kinds))}")
     if kind_spec.validate is not None:
         kind_spec.validate(f["input"])  # raises BadRequest naming the input field
     depends_on = list(dict.fromkeys(f.get("depends_on") or []))

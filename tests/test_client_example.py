@@ -135,9 +135,10 @@ async def test_a_reader_too_slow_is_resynced_and_still_gets_every_version_once(l
     creator = await Client.open(ws_url(process))
     async with tc.TaskcastClient(ws_url(process), queue_size=1, backoff_base_s=0.05) as client:
         sub = await client.subscribe("scope:p:flood")
-        pad = "x" * 32_000  # big views: the buffers between server and client fill fast
+        # Big views (32 labels of 100 chars, repeated in every update): the buffers fill fast.
+        labels = [f"{i:02d}" + "x" * 98 for i in range(32)]
         tasks = [(await creator.request({"type": "create", "kind": "demo", "scope": "p:flood",
-                                         "input": {"steps": 10, "step_ms": 0, "pad": pad}}))["task"]
+                                         "input": {"steps": 60, "step_ms": 0}, "labels": labels}))["task"]
                  for _ in range(20)]
         await eventually(lambda: process.node.metrics.resyncs >= 1 or client.reconnects >= 1, 30)
         versions: dict[str, list[int]] = {task: [] for task in tasks}

@@ -50,10 +50,18 @@ async def updates_until_end(client: Client, task: str, within: float = 30) -> li
 
 async def run(client: Client, kind: str, input_: dict[str, Any],
               within: float = 30) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Create a task and watch it to its end: (its last view, its updates)."""
+    """Create a task and watch it to its end: (its whole last view, from `get`, with the
+    step results that update views leave out; its updates)."""
     task = await create(client, kind, input_)
     updates = await updates_until_end(client, task, within)
-    return updates[-1]["task"], updates
+    return await view(client, task), updates
+
+
+async def view(client: Client, task: str) -> dict[str, Any]:
+    """The task's whole view (`get`)."""
+    answer = await client.request({"type": "get", "task": task})
+    whole: dict[str, Any] = answer["data"]
+    return whole
 
 
 async def until_event(client: Client, task: str, type_: str, step: str | None = None,

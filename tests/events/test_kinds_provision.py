@@ -22,6 +22,7 @@ from tests.events.kinds_support import (
     terminal_events,
     until_event,
     updates_until_end,
+    view,
 )
 from tests.waiting import eventually
 from tests.wsclient import Client
@@ -89,9 +90,9 @@ async def test_provision_runs_on_once_approved(taskcast: Process, tmp_path: Path
     await client.request({"type": "answer", "task": task, "question": asked["event"]["data"]["question"],
                           "answer": "approve"})
     updates = await updates_until_end(client, task)
-    view = updates[-1]["task"]
+    last = updates[-1]["task"]
     try:
-        assert view["status"] == "completed" and view["result"]["name"] == "ok-then"
+        assert last["status"] == "completed" and last["result"]["name"] == "ok-then"
     finally:
         await stop_agent(tmp_path / "ok-then")
 
@@ -101,8 +102,8 @@ async def test_cancel_during_create_session_stops_the_agent(launch: Launch, tmp_
     process = await launch(cancel_grace_s=0.5, kinds=(f"{__name__}:STALLED_PROVISION",))
     client = await Client.open(ws_url(process))
     task = await create(client, "provision", {"root": str(tmp_path), "name": "to-cancel", "approve": True})
-    started = await until_event(client, task, "step.started", step="create_session")
-    agent = next(s["result"] for s in started["task"]["steps"] if s["name"] == "ensure_agent")
+    await until_event(client, task, "step.started", step="create_session")
+    agent = next(s["result"] for s in (await view(client, task))["steps"] if s["name"] == "ensure_agent")
     assert not gone(agent["pid"])
     await client.request({"type": "cancel", "task": task})
     updates = await updates_until_end(client, task)
@@ -117,11 +118,11 @@ async def test_a_provision_that_ends_failed_stops_its_agent(launch: Launch, tmp_
     process = await launch(kinds=(f"{__name__}:REFUSING_PROVISION",))
     client = await Client.open(ws_url(process))
     task = await create(client, "provision", {"root": str(tmp_path), "name": "refused", "approve": True})
-    started = await until_event(client, task, "step.started", step="create_session")
-    agent = next(s["result"] for s in started["task"]["steps"] if s["name"] == "ensure_agent")
+    await until_event(client, task, "step.started", step="create_session")
+    agent = next(s["result"] for s in (await view(client, task))["steps"] if s["name"] == "ensure_agent")
     updates = await updates_until_end(client, task)
-    view = updates[-1]["task"]
-    assert view["status"] == "failed" and "refused a session" in view["error"] and view["attempt"] == 3
+    last = updates[-1]["task"]
+    assert last["status"] == "failed" and "refused a session" in last["error"] and last["attempt"] == 3
     await eventually(lambda: gone(agent["pid"]), within=5)
 
 

@@ -241,8 +241,10 @@ async def test_a_server_with_a_secret_asks_for_a_token(launch: Any, tabs: Any) -
     await tab.connected()  # the token was kept in localStorage
 
 
-async def test_the_example_page_follows_one_task(taskcast: Process, tabs: Any) -> None:
-    """client-example/page.html, opened from a file, follows a task to its end."""
+async def test_the_example_page_follows_one_task(launch: Any, tabs: Any) -> None:
+    """client-example/page.html, opened from a file (origin `null`, allowed as its README
+    says), follows a task to its end."""
+    taskcast = await launch(allowed_origins=("null",))
     client = await Client.open(ws_url(taskcast))
     ack = await client.request({"type": "create", "kind": "demo", "scope": "p:page",
                                 "input": {"steps": 3, "step_ms": 200}})

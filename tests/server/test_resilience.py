@@ -102,10 +102,11 @@ async def test_a_slow_reader_is_resynced_or_closed_and_fast_sockets_get_everythi
     slow.transport.pause_reading()  # it stops reading
 
     creator = await Client.open(url)
-    pad = "x" * 16_000  # big views: the slow socket's kernel buffers fill quickly
+    # Big views (32 labels of 100 chars, repeated in every update): the buffers fill fast.
+    labels = [f"{i:02d}" + "x" * 98 for i in range(32)]
     for _ in range(10):
         await creator.request({"type": "create", "kind": "demo", "scope": "p:flood",
-                               "input": {"steps": 10, "step_ms": 0, "pad": pad}})
+                               "input": {"steps": 60, "step_ms": 0}, "labels": labels})
     tasks = [(await creator.request({"type": "create", "kind": "demo", "scope": "p:busy",
                                      "input": {"steps": 10, "step_ms": 0}}))["task"] for _ in range(20)]
     peak = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import ClassVar
 
 from events.errors import Unavailable
 from events.fold import View, apply
@@ -22,6 +23,8 @@ log = logging.getLogger("taskcast.projector")
 
 
 class Projector:
+    degraded_total: ClassVar[int] = 0  # in this process, for /metrics (relay and node alike)
+
     def __init__(self, log: EventLog, *, max_tasks: int = 20_000) -> None:
         self.log = log
         self.max_tasks = max_tasks
@@ -47,6 +50,7 @@ class Projector:
                 raise
             except Exception as exc:
                 self.degraded += 1
+                Projector.degraded_total += 1
                 self._views.pop(event.task, None)
                 log.error("event %s of task %s (version %d) cannot be delivered whole, sending it "
                           "degraded: %r", encode(event.position), event.task, event.version, exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=helptext, description=helptext)
         p.add_argument("--host", default=os.environ.get("TASKCAST_HOST", "127.0.0.1"))
         p.add_argument("--port", type=int, default=int(os.environ.get("TASKCAST_PORT", "8000")))
+        p.add_argument("--insecure", action="store_true",
+                       help="serve a non-loopback --host without TASKCAST_SECRET (everyone may do anything)")
         if name == "dev":
             p.add_argument("--data-dir", default=os.environ.get("TASKCAST_DATA_DIR", ".taskcast"),
                            help="where embedded PostgreSQL and Valkey keep their data")
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     settings = from_env(node_id=f"{socket.gethostname()}:{os.getpid()}")
+    if args.command in ("dev", "serve") and not _safe_to_serve(settings, args.host, args.insecure):
+        return 2
     if args.command == "dev":
         return dev(settings.with_(host=args.host, port=args.port), Path(args.data_dir), args.workers)
     if not settings.database_url or not settings.redis_url:
@@ -117,6 +122,31 @@ def main(argv: list[str] | None = None) -> int:
         roles = Roles(relay=True)
     _run(Process(settings, roles).run_until_signal())
     return 0
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _safe_to_serve(settings: Settings, host: str, insecure: bool) -> bool:
+    """Without a secret every client is the all-scopes `anonymous` principal: say so loudly,
+    and refuse to listen beyond loopback unless told `--insecure`."""
+    if settings.secret is not None:
+        return True
+    if not _loopback(host):
+        if not insecure:
+            print(f"taskcast: refusing to serve {host} without TASKCAST_SECRET: anyone who can reach it "
+                  "could create, read and cancel every task. Set TASKCAST_SECRET, listen on 127.0.0.1, "
+                  "or pass --insecure.", file=sys.stderr)
+            return False
+        logging.getLogger("taskcast").warning("SERVING %s WITHOUT AUTHENTICATION (--insecure)", host)
+    logging.getLogger("taskcast").warning(
+        "no TASKCAST_SECRET: authentication is OFF, every client may do anything in every scope "
+        "(fine for development on loopback; set TASKCAST_SECRET otherwise)")
+    return True
 
 
 def _migrate(settings: Settings) -> int:

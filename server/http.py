@@ -18,6 +18,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from events.projector import Projector
+
 if TYPE_CHECKING:
     from server.node import Node
 
@@ -136,7 +138,7 @@ class Metrics:
             "# TYPE taskcast_internal_errors_total counter",
             f"taskcast_internal_errors_total {self.internal_errors}",
             "# TYPE taskcast_degraded_updates_total counter",
-            f"taskcast_degraded_updates_total {node.projector.degraded}",
+            f"taskcast_degraded_updates_total {Projector.degraded_total}",
             "# TYPE taskcast_fanout_errors_total counter",
             f"taskcast_fanout_errors_total {node.fanout.errors}",
             "# TYPE taskcast_gaps_filled_total counter",

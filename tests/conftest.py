@@ -24,6 +24,7 @@ import uvloop
 from events import db
 from events.log import EventLog
 from events.migrate import migrate
+from server.embedded import EmbeddedPostgres, start_postgres, stop_postgres
 from server.process import Process, Roles
 from server.settings import Settings
 from tests.restarting import Restartable
@@ -83,6 +84,17 @@ async def database_url(servers: tuple[str, str], template: str) -> AsyncIterator
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def own_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
+    """A migrated PostgreSQL of this test's own, which it may stop and start."""
+    pg = await asyncio.to_thread(start_postgres, tmp_path / "pg")
+    try:
+        await migrate(pg.url)
+        yield pg
+    finally:
+        await asyncio.to_thread(stop_postgres, pg)
 
 
 @pytest.fixture

@@ -7,18 +7,15 @@ import asyncio
 import json
 import socket
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from events.migrate import migrate
-from server.embedded import EmbeddedPostgres, restart_postgres, start_postgres, stop_postgres
+from server.embedded import EmbeddedPostgres, restart_postgres, stop_postgres
 from server.process import Process, Roles
 from server.settings import Settings
 from tests.conftest import ws_url
@@ -146,17 +143,6 @@ async def test_a_slow_reader_is_resynced_or_closed_and_fast_sockets_get_everythi
         assert closed.rcvd is not None and closed.rcvd.code == 4429
     else:
         assert '"channel":"scope:p:flood"' in frames[-1]
-
-
-@pytest.fixture
-async def own_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
-    """A PostgreSQL of this test's own, which it may stop and start."""
-    pg = await asyncio.to_thread(start_postgres, tmp_path / "pg")
-    try:
-        await migrate(pg.url)
-        yield pg
-    finally:
-        await asyncio.to_thread(stop_postgres, pg)
 
 
 async def test_postgres_down_answers_unavailable_and_serving_resumes(

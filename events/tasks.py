@@ -49,9 +49,12 @@ def _encode_cursor(created_at: datetime, task: str) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         at, task = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(at), str(task)
+        when = datetime.fromisoformat(at)
     except (ValueError, TypeError) as exc:
         raise BadRequest("`cursor` is not one this server gave out") from exc
+    if not isinstance(task, str) or "\x00" in task or len(task) > 64 or when.tzinfo is None:
+        raise BadRequest("`cursor` is not one this server gave out")
+    return when, task
 
 
 async def list_tasks(pool: asyncpg.Pool, query: TaskQuery) -> Page:

@@ -17,6 +17,7 @@ from server.embedded import restart_valkey, start_valkey, stop_valkey
 from server.process import Process, Roles
 from server.settings import Settings
 from tests.conftest import ws_url
+from tests.waiting import eventually_async
 from tests.wsclient import Client, Versions
 
 
@@ -140,6 +141,13 @@ async def test_a_redis_restart_mid_stream_loses_nothing(settings: Settings, tmp_
             await client.until(lambda f: record(f) or (f["type"] == "update"
                                                        and f["event"]["type"] == "step.completed"))
             await asyncio.to_thread(stop_valkey, valkey)
+            # Something must be committed (and lost to Redis) while it is down, for a gap.
+            head = await process.log.head()
+
+            async def moved() -> bool:
+                return await process.log.head() > head
+
+            await eventually_async(moved, within=10, poll_s=0.05)
             await asyncio.to_thread(restart_valkey, valkey)
             await client.until(record, within=60)
             history = {t: len(await process.log.history(TaskId(t))) for t in tasks}

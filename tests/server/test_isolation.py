@@ -251,3 +251,25 @@ async def test_a_task_stored_with_a_huge_timeout_runs_and_kills_no_worker(launch
     await client.until(lambda f: f["type"] == "update" and f["event"]["type"] == "task.completed"
                        and f["event"]["task"] == nxt["task"], within=20)
     assert all(not t.done() for t in process._tasks if t.get_name().startswith("worker"))
+
+
+def test_serve_without_a_secret_refuses_a_public_host() -> None:
+    """`taskcast serve --host 0.0.0.0` with no TASKCAST_SECRET exits 2 and says why, rather
+    than let anyone on the network do anything."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TASKCAST_SECRET"}
+    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+                          env=env, capture_output=True, timeout=30, check=False)
+    assert done.returncode == 2 and b"TASKCAST_SECRET" in done.stderr and b"--insecure" in done.stderr
+
+
+async def test_a_forged_list_cursor_is_bad_request(launch: Launch) -> None:
+    """A cursor crafted to smuggle a NUL (or a naive time) into the query is `bad_request`."""
+    process = await launch(workers=0, relay=False)
+    client = await Client.open(ws_url(process))
+    for inner in (["2026-01-01T00:00:00+00:00", "tsk_\u0000"], ["2026-01-01T00:00:00", "tsk_a"], [1, 2]):
+        cursor = base64.urlsafe_b64encode(orjson.dumps(inner)).decode()
+        answer = await client.request({"type": "list", "cursor": cursor})
+        assert answer["code"] == "bad_request" and "`cursor`" in answer["message"], answer

@@ -101,9 +101,11 @@ class Worker:
                 log.warning("listener lost: %s", exc)
             except Exception:
                 log.exception("listener failed; reconnecting")
+                self.errors += 1
             finally:
                 self.listening.clear()
                 conn.terminate()
+            await asyncio.sleep(self.config.poll_s)  # never a tight reconnect loop
 
     async def _claim_loop(self) -> None:
         while True:

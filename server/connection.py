@@ -224,7 +224,12 @@ class Connection(asyncio.Protocol):
         except FrameError as exc:
             self.session.refuse(exc)
             return
-        self.session.handle(request)
+        try:
+            self.session.handle(request)
+        except Exception:  # a bug met by one frame ends this socket, never the node
+            log.exception("handling a %s frame failed; closing the socket", request.type)
+            self.node.metrics.internal_errors += 1
+            self.close(4500, "internal error")
 
     # frames out
 

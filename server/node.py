@@ -172,20 +172,29 @@ class Node:
             await asyncio.sleep(min(1.0, s.hello_timeout_s / 2, s.heartbeat_s / 2))
             now = time.monotonic()
             for conn in list(self.connections):
-                session = conn.session
-                if session is None or conn.closing:
-                    continue
-                if session.state is SessionState.AWAITING_HELLO:
-                    if now - conn.opened_at > s.hello_timeout_s:
-                        conn.close(4408, "no hello")
-                elif session.principal is not None and session.principal.expires_at is not None \
-                        and wall >= session.principal.expires_at:
-                    conn.close(4401, "token expired")
-                elif now - conn.last_in > 2 * s.heartbeat_s:
-                    conn.close(4408, "client silent")
-                elif now - conn.last_out > s.heartbeat_s or (
-                        now - conn.last_in > s.heartbeat_s and now - conn.last_ping > s.heartbeat_s):
-                    # Idle, or the client has been quiet: a ping it answers keeps it open.
-                    serial += 1
-                    conn.send({"type": "ping", "id": f"srv-{serial}"})
-                    conn.last_ping = now
+                try:
+                    serial = self._sweep_one(conn, wall, now, serial)
+                except Exception:  # one socket's problem (invariant 9): the sweep goes on
+                    log.exception("sweeping a connection failed; closing it")
+                    conn.close(4500, "internal error")
+
+    def _sweep_one(self, conn: Connection, wall: float, now: float, serial: int) -> int:
+        s = self.settings
+        session = conn.session
+        if session is None or conn.closing:
+            return serial
+        if session.state is SessionState.AWAITING_HELLO:
+            if now - conn.opened_at > s.hello_timeout_s:
+                conn.close(4408, "no hello")
+        elif session.principal is not None and session.principal.expires_at is not None \
+                and wall >= session.principal.expires_at:
+            conn.close(4401, "token expired")
+        elif now - conn.last_in > 2 * s.heartbeat_s:
+            conn.close(4408, "client silent")
+        elif now - conn.last_out > s.heartbeat_s or (
+                now - conn.last_in > s.heartbeat_s and now - conn.last_ping > s.heartbeat_s):
+            # Idle, or the client has been quiet: a ping it answers keeps it open.
+            serial += 1
+            conn.send({"type": "ping", "id": f"srv-{serial}"})
+            conn.last_ping = now
+        return serial

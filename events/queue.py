@@ -46,6 +46,15 @@ class Queue:
             row = await conn.fetchrow(q("heartbeat"), task, fence, lease_s)
         return None if row is None else bool(row["cancel_requested"])
 
+    async def hand_back(self, task: TaskId, fence: FenceToken) -> bool:
+        """Give back a job this worker holds under `fence` (draining): queued at once, its
+        fence raised, idle workers told. False when the lease was no longer ours."""
+        async with db.acquire(self.pool) as conn:
+            row = await conn.fetchrow(q("hand_back"), task, fence)
+            if row is not None:
+                await conn.execute("SELECT pg_notify('taskcast_jobs', '')")
+        return row is not None
+
     async def rescue(self) -> list[TaskId]:
         """Re-queue jobs whose lease expired; return their tasks."""
         async with db.acquire(self.pool) as conn:

@@ -194,7 +194,7 @@ class TaskContext:
         data: dict[str, Any] = {"question": question, "type": type_, "prompt": prompt}
         if options is not None:
             data["options"] = options
-        await self.write([NewEvent(E.TASK_QUESTION, data)], job_state="parked")
+        await self.end([NewEvent(E.TASK_QUESTION, data)], job_state="parked")
         raise _Parked(question)
 
     # writing
@@ -274,6 +274,13 @@ class TaskContext:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, OUTAGE_RETRY_MAX_S)
 
+    async def end(self, events: list[NewEvent], *, job_state: str,
+                  run_at: datetime | None = None) -> None:
+        """`write` the run's last events (terminal, retrying, parked), shielded: a cancel
+        arriving meanwhile (a worker draining at SIGTERM) cannot cut the write between
+        commit and return and leave the run's end unknown to this worker."""
+        await asyncio.shield(self.write(events, job_state=job_state, run_at=run_at))
+
     async def _committed(self, batch: list[NewEvent]) -> bool:
         """After an outage cut an append off, whether it committed: the events after our
         view's version are exactly `batch`. Then the view is brought up to date."""
@@ -336,7 +343,7 @@ async def _fail_crashed(ctx: TaskContext, exc: Exception) -> Status | None:
     if ctx.step_name is not None:
         failed["step"] = ctx.step_name
     try:
-        await ctx.write([NewEvent(E.TASK_FAILED, failed)], job_state="done")
+        await ctx.end([NewEvent(E.TASK_FAILED, failed)], job_state="done")
     except (LeaseLost, TaskcastError) as second:
         log.warning("cannot fail %s after its runner crashed: %s", ctx.task, second)
         return None
@@ -379,10 +386,10 @@ async def _run(ctx: TaskContext, queue: Queue, kind: KindSpec, lease_s: float,
             if kind.cleanup is not None:
                 await _cleanup(ctx, kind)
             if timed_out.is_set():
-                await ctx.write([NewEvent(E.TASK_TIMED_OUT, {"reason": "timeout"})], job_state="done")
+                await ctx.end([NewEvent(E.TASK_TIMED_OUT, {"reason": "timeout"})], job_state="done")
                 return Status.TIMED_OUT
             reason = ctx.view.get("error") or "cancelled"
-            await ctx.write([NewEvent(E.TASK_CANCELLED, {"reason": reason})], job_state="done")
+            await ctx.end([NewEvent(E.TASK_CANCELLED, {"reason": reason})], job_state="done")
             return Status.CANCELLED
         return await _finish(ctx, kind, main)
     finally:
@@ -396,7 +403,7 @@ async def _run(ctx: TaskContext, queue: Queue, kind: KindSpec, lease_s: float,
 async def _finish(ctx: TaskContext, kind: KindSpec, main: asyncio.Task[Any]) -> Status | None:
     exc = main.exception()
     if exc is None:
-        await ctx.write([NewEvent(E.TASK_COMPLETED, {"result": main.result()})], job_state="done")
+        await ctx.end([NewEvent(E.TASK_COMPLETED, {"result": main.result()})], job_state="done")
         return Status.COMPLETED
     if isinstance(exc, _Parked):
         return None
@@ -404,7 +411,7 @@ async def _finish(ctx: TaskContext, kind: KindSpec, main: asyncio.Task[Any]) -> 
         raise exc
     if isinstance(exc, StepError) and exc.retryable and ctx.attempt < kind.max_attempts:
         delay = backoff_s(ctx.attempt)
-        await ctx.write([NewEvent(E.TASK_RETRYING, {"attempt": ctx.attempt + 1, "delay_s": round(delay, 3),
+        await ctx.end([NewEvent(E.TASK_RETRYING, {"attempt": ctx.attempt + 1, "delay_s": round(delay, 3),
                                                     "reason": str(exc)})],
                         job_state="queued", run_at=datetime.now(UTC) + timedelta(seconds=delay))
         return None
@@ -415,7 +422,7 @@ async def _finish(ctx: TaskContext, kind: KindSpec, main: asyncio.Task[Any]) -> 
         log.error("task %s failed", ctx.task, exc_info=exc)
     if kind.cleanup is not None:
         await _cleanup(ctx, kind)  # nothing a step started may outlive the run
-    await ctx.write([NewEvent(E.TASK_FAILED, failed)], job_state="done")
+    await ctx.end([NewEvent(E.TASK_FAILED, failed)], job_state="done")
     return Status.FAILED
 
 

@@ -7,6 +7,11 @@ Named loops, watched by one TaskGroup (a loop that dies stops the worker):
 - `maintain`: re-queues jobs whose lease expired (nothing stays `running` forever), times
   out tasks past their deadline whose worker died, and settles waiting tasks whose
   dependencies ended (in case the worker that ended them died before doing it).
+
+`drain()` (at SIGTERM, before the process stops) stops claiming, gives the running tasks
+a grace period to finish, then hands each remaining one back: its runner is stopped, its
+job queued at once with its fence raised, so another worker resumes it at its first
+unfinished step without waiting for the lease to expire.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ class WorkerConfig:
     scope_limit: int | None = None  # running tasks per scope, across all workers
     retention_s: float | None = 7 * 24 * 3600.0  # history of ended tasks kept this long
     prune_every_s: float = 60.0
+    drain_grace_s: float = 10.0  # at SIGTERM, how long running tasks may take to finish
+    stop_s: float = 5.0  # a drained runner's time to stop, and a hand-back's to commit
 
 
 class Worker:
@@ -57,6 +64,8 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self._wake = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+        self._claims: dict[asyncio.Task[None], Claim] = {}
+        self.draining = False
         self._contexts: dict[TaskId, TaskContext] = {}
         self._slot_free = asyncio.Event()
         self.listening = asyncio.Event()
@@ -107,8 +116,36 @@ class Worker:
                 conn.terminate()
             await asyncio.sleep(self.config.poll_s)  # never a tight reconnect loop
 
+    async def drain(self, grace_s: float | None = None) -> list[TaskId]:
+        """Stop claiming; wait up to `grace_s` (default drain_grace_s) for the running
+        tasks; then stop each one still running and hand its job back. Returns the tasks
+        handed back. Time-boxed; idempotent."""
+        self.draining = True
+        self._wake.set()
+        grace_s = self.config.drain_grace_s if grace_s is None else grace_s
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=grace_s)
+        left = {task: self._claims[task] for task in list(self._running) if task in self._claims}
+        for task in left:
+            task.cancel()
+        if left:
+            await asyncio.wait(set(left), timeout=self.config.stop_s)
+        handed: list[TaskId] = []
+        for claim in left.values():
+            try:
+                async with asyncio.timeout(self.config.stop_s):
+                    if await self.queue.hand_back(claim.task, claim.fence):
+                        handed.append(claim.task)
+            except (TaskcastError, TimeoutError) as exc:  # its lease expires instead
+                log.warning("cannot hand %s back: %s", claim.task, exc)
+        if handed:
+            log.info("handed back %d task(s): %s", len(handed), ", ".join(handed))
+        return handed
+
     async def _claim_loop(self) -> None:
         while True:
+            if self.draining:
+                await asyncio.Event().wait()  # claims nothing more; cancelled at stop
             if len(self._running) >= self.config.concurrency:
                 self._slot_free.clear()
                 await self._slot_free.wait()
@@ -126,9 +163,14 @@ class Worker:
                 log.exception("claim failed")
                 self.errors += 1
                 claims = []
+            if self.draining:  # claimed while the drain began: give them straight back
+                for claim in claims:
+                    await self.queue.hand_back(claim.task, claim.fence)
+                continue
             for claim in claims:
                 task = asyncio.create_task(self._execute(claim), name=f"run {claim.task}")
                 self._running.add(task)
+                self._claims[task] = claim
                 task.add_done_callback(self._finished)
             if claims:
                 continue  # there may be more
@@ -157,6 +199,7 @@ class Worker:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        self._claims.pop(task, None)
         self._slot_free.set()
         self._wake.set()  # a scope or mutex slot may have opened
         if not task.cancelled() and task.exception() is not None:

@@ -9,11 +9,13 @@ import asyncio
 import importlib
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from events import db
 from events.kinds import KindSpec, as_kind, builtin
@@ -61,7 +63,13 @@ class Roles:
 
 
 class Process:
-    """The parts of one process. Use `async with Process(...)`, or `run()` until a signal."""
+    """The parts of one process. Use `async with Process(...)`, or `run()` until a signal.
+
+    Started in order: the pool, Redis, the waker, the relay, the workers, and last the node
+    (so nothing is accepted before the rest runs). Each part is registered on an exit stack
+    as soon as it has started, so a start that fails at any point (a port in use, say)
+    releases exactly what was started, in reverse order, and raises.
+    """
 
     def __init__(self, settings: Settings, roles: Roles) -> None:
         self.settings = settings
@@ -70,51 +78,99 @@ class Process:
         self.relay: Relay | None = None
         self.workers: list[Worker] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._stack: AsyncExitStack | None = None
 
     async def __aenter__(self) -> Process:
         s = self.settings
         kinds = load_kinds(s.kinds, s.shell_allow)
-        self.pool = await db.create_pool(s.database_url, min_size=1, max_size=20)
-        self.redis = Redis.from_url(s.redis_url)
-        self.waker = Waker(self.redis, s.channel)
-        self._tasks.append(asyncio.create_task(self.waker.run(), name="waker"))
-        self.log = EventLog(self.pool, on_append=self.waker.poke)
-        if self.roles.relay:
-            self.relay = Relay(s.database_url, self.log, self.redis, RelayConfig(channel=s.channel))
-            self._tasks.append(asyncio.create_task(self.relay.run(), name="relay"))
-        for i in range(self.roles.workers):
-            worker = Worker(s.database_url, self.log, kinds,
-                            WorkerConfig(concurrency=s.worker_concurrency, lease_s=s.lease_s,
-                                         cancel_grace_s=s.cancel_grace_s, scope_limit=s.scope_limit,
-                                         retention_s=s.retention_s))
-            self.workers.append(worker)
-            self._tasks.append(asyncio.create_task(worker.run(), name=f"worker-{i}"))
-        if self.roles.serve:
-            self.node = Node(s, self.log, self.redis, kinds)
-            await self.node.start()
-            self.settings = self.node.settings
+        self._stack = stack = AsyncExitStack()
+        try:
+            self.pool = await db.create_pool(s.database_url, min_size=1, max_size=20)
+            stack.push_async_callback(self._close_pool)
+            self.redis = Redis.from_url(s.redis_url)
+            stack.push_async_callback(self._close_redis)
+            self.waker = Waker(self.redis, s.channel)
+            self._start(self.waker.run(), "waker")
+            self.log = EventLog(self.pool, on_append=self.waker.poke)
+            if self.roles.relay:
+                self.relay = Relay(s.database_url, self.log, self.redis, RelayConfig(channel=s.channel))
+                self._start(self.relay.run(), "relay")
+            for i in range(self.roles.workers):
+                worker = Worker(s.database_url, self.log, kinds,
+                                WorkerConfig(concurrency=s.worker_concurrency, lease_s=s.lease_s,
+                                             cancel_grace_s=s.cancel_grace_s, scope_limit=s.scope_limit,
+                                             retention_s=s.retention_s, drain_grace_s=s.drain_grace_s,
+                                             stop_s=s.stop_timeout_s))
+                self.workers.append(worker)
+                self._start(worker.run(), f"worker-{i}")
+            # Last in, first out: at stop the workers drain before their loops are cancelled.
+            stack.push_async_callback(self._stop_loops)
+            stack.push_async_callback(self._drain_workers)
+            if self.roles.serve:
+                node = Node(s, self.log, self.redis, kinds)
+                stack.push_async_callback(node.stop)
+                await node.start()
+                self.node = node
+                self.settings = node.settings
+        except BaseException:
+            await self._unwind()
+            raise
         return self
+
+    def _start(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     async def stop(self) -> None:
-        """Stop, in order: the node (sockets closed with 1001), then the workers (their tasks
-        are cancelled; leases expire and others resume them), then the relay; then Redis
-        and the pool. Idempotent."""
-        if self.node is not None:
-            await self.node.stop()
-            self.node = None
-        for task in self._tasks:
+        """Stop, in order, each stage time-boxed: the node (no new sockets, every socket
+        closed with 1001, request tasks cancelled); the workers drain (no new claims,
+        `drain_grace_s` for running tasks, the rest handed back to be resumed elsewhere at
+        once); the loops (relay, workers, waker) cancelled and awaited; Redis closed; the
+        pool closed (terminated if a connection is not returned in time). Idempotent; the
+        whole stop takes at most about three times `stop_timeout_s` plus the drain grace."""
+        await self._unwind()
+        self.node = None
+
+    async def _unwind(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def _drain_workers(self) -> None:
+        if not self.workers:
+            return
+        grace = self.settings.drain_grace_s
+        try:
+            async with asyncio.timeout(grace + 2 * self.settings.stop_timeout_s + 1):
+                await asyncio.gather(*(w.drain(grace) for w in self.workers))
+        except TimeoutError:
+            log.warning("the workers did not drain in time")
+
+    async def _stop_loops(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if getattr(self, "redis", None) is not None:
-            await self.redis.aclose()
-            self.redis = None  # type: ignore[assignment]
-        if getattr(self, "pool", None) is not None:
-            await self.pool.close()
-            self.pool = None  # type: ignore[assignment]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.settings.stop_timeout_s)
+            for task in pending:
+                log.warning("%s did not stop within %.1f s", task.get_name(), self.settings.stop_timeout_s)
+
+    async def _close_redis(self) -> None:
+        try:
+            async with asyncio.timeout(self.settings.stop_timeout_s):
+                await self.redis.aclose()
+        except (TimeoutError, OSError, RedisError) as exc:
+            log.warning("closing Redis: %s", exc)
+
+    async def _close_pool(self) -> None:
+        try:
+            async with asyncio.timeout(self.settings.stop_timeout_s):
+                await self.pool.close()
+        except TimeoutError:
+            log.warning("a PostgreSQL connection was not returned in time; terminating the pool")
+            self.pool.terminate()
 
     async def run_until_signal(self, on_ready: Callable[[Process], None] | None = None) -> None:
         """Run until SIGINT or SIGTERM (or until a role's loop dies), then stop in order."""
@@ -135,3 +191,4 @@ class Process:
                     log.critical("%s died; stopping", task.get_name(), exc_info=task.exception())
             for task in watch:
                 task.cancel()
+            await asyncio.gather(*watch, return_exceptions=True)

@@ -38,6 +38,8 @@ class Settings:
     worker_concurrency: int = 8
     lease_s: float = 30.0
     cancel_grace_s: float = 5.0
+    drain_grace_s: float = 10.0  # at SIGTERM, running tasks' time to finish before hand-back
+    stop_timeout_s: float = 10.0  # each stage of a stop, beyond the drain grace
     scope_limit: int | None = None  # running tasks per scope (TASKCAST_SCOPE_LIMIT)
     retention_s: float = 7 * 24 * 3600.0  # history of ended tasks kept (TASKCAST_RETENTION_S)
 
@@ -62,6 +64,10 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         values["lease_s"] = float(env["TASKCAST_LEASE_S"])
     if env.get("TASKCAST_MAX_CONNECTIONS_PER_PRINCIPAL"):
         values["max_connections_per_principal"] = int(env["TASKCAST_MAX_CONNECTIONS_PER_PRINCIPAL"])
+    if env.get("TASKCAST_DRAIN_GRACE_S"):
+        values["drain_grace_s"] = float(env["TASKCAST_DRAIN_GRACE_S"])
+    if env.get("TASKCAST_STOP_TIMEOUT_S"):
+        values["stop_timeout_s"] = float(env["TASKCAST_STOP_TIMEOUT_S"])
     if env.get("TASKCAST_RETENTION_S"):
         values["retention_s"] = float(env["TASKCAST_RETENTION_S"])
     if env.get("TASKCAST_SCOPE_LIMIT"):

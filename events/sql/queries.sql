@@ -164,3 +164,13 @@ SELECT xid, seq FROM retention;
 -- name: task_scopes
 -- The scope of each named task that exists (authorization of `depends_on`).
 SELECT t.id, t.scope FROM tasks AS t WHERE t.id = ANY ($1::text[]);
+
+-- name: hand_back
+-- A draining worker gives back a job it still holds: the fence goes up (its own writes are
+-- refused from here on, invariant 3) and the job is queued at once, for another worker to
+-- resume at its first unfinished step.
+UPDATE jobs AS j
+   SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, fence = j.fence + 1,
+       run_at = now()
+ WHERE j.task_id = $1 AND j.fence = $2 AND j.state = 'running'
+RETURNING j.task_id;

@@ -33,6 +33,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,37 @@ _VALKEY_STOP = ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0))  # SIGTERM saves 
 # Servers this process started, by PID: keeping the Popen (unreaped until we wait on it) means the
 # PID cannot be reused by another process while it is in this table.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+# Each server's watchdog (server PID -> watchdog): a small process that stops the server when
+# this process ends however it ends (kill -9, os._exit of a test timeout, a crash), which
+# atexit handlers and signal handlers cannot promise.
+_WATCHDOGS: dict[int, subprocess.Popen[bytes]] = {}
+
+# The watchdog blocks reading a pipe only we hold the other end of: EOF means we are gone.
+# It then stops the server with its graceful signal, and SIGKILL after a grace, but only
+# while the PID is still the same process (its start time is checked: no PID reuse).
+_WATCHDOG = """
+import os, signal, sys, time
+pid, sig, grace = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+def started():
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+birth = started()
+sys.stdin.buffer.read()
+if birth is not None and started() == birth:
+    try:
+        os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while started() == birth and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if started() == birth:
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+"""
 
 
 class EmbeddedServerError(RuntimeError):
@@ -545,6 +577,11 @@ def _spawn(argv: list[str], *, cwd: Path, log: Path, run_as: _RunAs | None) -> s
         except OSError as exc:
             raise EmbeddedServerError(f"could not execute {argv[0]}: {exc}") from exc
     _CHILDREN[proc.pid] = proc
+    graceful, grace = (signal.SIGINT, 10.0) if "postgres" in Path(argv[0]).name else (signal.SIGTERM, 10.0)
+    _WATCHDOGS[proc.pid] = subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, str(proc.pid), str(int(graceful)), str(grace)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
     return proc
 
 
@@ -570,11 +607,23 @@ def _alive(pid: int) -> bool:
         if child.poll() is None:
             return True
         del _CHILDREN[pid]
+        _dismiss_watchdog(pid)
         return False
     try:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
+
+
+def _dismiss_watchdog(pid: int) -> None:
+    """The server `pid` exited: its watchdog has nothing left to guard."""
+    watchdog = _WATCHDOGS.pop(pid, None)
+    if watchdog is not None:
+        watchdog.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            watchdog.wait(5)
+        if watchdog.stdin is not None:
+            watchdog.stdin.close()
 
 
 def _reap() -> None:

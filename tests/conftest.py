@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -35,6 +36,23 @@ _counter = itertools.count()
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
     """Tests run on uvloop, as taskcast does (its transports differ from asyncio's)."""
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+async def no_stray_loop_errors() -> AsyncIterator[None]:
+    """Fail a test that left an unhandled error in the event loop (a task's exception
+    nobody retrieved, a callback that raised), as asyncpg's own harness does."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        yield
+    finally:
+        loop.set_exception_handler(previous)
+    if errors:
+        pytest.fail("unhandled errors in the event loop:\n" + "\n".join(
+            f"{c.get('message')}: {c.get('exception')!r}" for c in errors), pytrace=False)
 
 
 def _with_database(url: str, name: str) -> str:

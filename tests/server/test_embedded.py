@@ -241,3 +241,38 @@ def test_pair_stops_postgres_when_valkey_cannot_start(tmp_path: Path) -> None:
         except psutil.Error:
             continue
     assert leftovers == []
+
+
+def test_servers_are_stopped_when_their_starter_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the process that started the embedded servers (as a test timeout's
+    os._exit or a crash would end it) still stops them: nothing is left running."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from server.embedded import start_postgres, start_valkey\n"
+        f"pg = start_postgres(Path({str(tmp_path / 'pg')!r}))\n"
+        f"v = start_valkey(Path({str(tmp_path / 'v')!r}), persist=False)\n"
+        "print(pg.pid, v.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    with subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE) as starter:
+        try:
+            assert starter.stdout is not None
+            pids = [int(p) for p in starter.stdout.readline().split()]
+            assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+        finally:
+            starter.kill()
+            starter.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids), pids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False

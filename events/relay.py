@@ -99,7 +99,14 @@ class Relay:
 
     async def _publish_loop(self, conn: asyncpg.Connection, wake: asyncio.Event) -> None:
         row = await conn.fetchrow(q("relay_cursor"))
-        cursor = position(row["xid"], row["seq"]) if row else await self.log.head()
+        if row is not None:
+            cursor = position(row["xid"], row["seq"])
+        else:
+            # The first leader ever starts at the head, and records it at once: a leader
+            # killed before its first periodic save must not make the next one start from
+            # a later head and never publish what came between.
+            cursor = await self.log.head()
+            await conn.execute(q("save_relay_cursor"), *split(cursor))
         saved, last_publish, last_save = cursor, 0.0, time.monotonic()
         # A notification whose events are not readable yet (an older transaction, in any
         # database of the server, holds the snapshot's xmin back) is retried quickly, with

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 
@@ -18,7 +19,7 @@ from events.log import CreateTask, EventLog
 from events.wire import decode_batch
 from server.chain import plan
 from server.settings import Settings
-from tests.waiting import eventually
+from tests.waiting import eventually, eventually_async
 
 
 @pytest.fixture
@@ -30,6 +31,18 @@ def spawn_relay(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+
+
+async def _standing_by(database_url: str) -> bool:
+    """A relay is polling the leadership lock without holding it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        return bool(await conn.fetchval(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query LIKE 'SELECT pg_try_advisory_lock%' AND pid NOT IN"
+            " (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"))
+    finally:
+        await conn.close()
 
 
 def _relay(settings: Settings) -> subprocess.Popen[bytes]:
@@ -58,7 +71,7 @@ async def test_a_standby_relay_takes_over_within_five_seconds_losing_nothing(
         spawn_relay.append(leader)
         await eventually(lambda: len(messages) >= 1, 15)  # the leader's first heartbeat
         spawn_relay.append(_relay(settings))  # the standby
-        await asyncio.sleep(1.5)  # the standby is up and polling the lock
+        await eventually_async(lambda: _standing_by(settings.database_url), within=15)
 
         created = [(await event_log.create(CreateTask("demo", "s"))).position for _ in range(20)]
         await eventually(lambda: _published(messages) >= set(created), 10)

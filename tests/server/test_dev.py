@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -35,7 +36,8 @@ async def _stop(proc: subprocess.Popen[bytes], log: Path) -> None:
         await eventually(lambda: proc.poll() is not None, 20)
     except TimeoutError:
         proc.send_signal(signal.SIGUSR1)
-        await asyncio.sleep(0.5)
+        with contextlib.suppress(TimeoutError):  # its tasks dumped to the log, then killed
+            await eventually(lambda: "task " in log.read_text(), 2)
         proc.kill()
         proc.wait()
         raise AssertionError("taskcast dev did not stop:\n" + log.read_text()[-8000:]) from None

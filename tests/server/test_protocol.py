@@ -13,6 +13,7 @@ from websockets.exceptions import ConnectionClosed
 
 from server.process import Process
 from tests.conftest import ws_url
+from tests.waiting import eventually_async
 from tests.wsclient import Client
 
 Launch = Callable[..., Awaitable[Process]]
@@ -258,7 +259,10 @@ async def test_snapshot_gives_current_views_then_live_updates(taskcast: Process)
     client = await Client.open(ws_url(taskcast))
     ack = await client.request({"type": "create", "kind": "demo", "scope": "p:snap",
                                 "input": {"steps": 5, "step_ms": 40}})
-    await asyncio.sleep(0.1)  # let it get going; the snapshot catches it mid-run
+    async def running() -> bool:  # the snapshot catches it mid-run
+        return (await taskcast.log.view(ack["task"]))["status"] == "running"
+
+    await eventually_async(running, within=10, poll_s=0.01)
     sub = await client.request({"type": "subscribe", "channel": "scope:p:snap", "snapshot": True})
     (view,) = sub["tasks"]
     assert view["id"] == ack["task"]
@@ -312,7 +316,7 @@ async def test_too_many_frames_is_rate_limited_then_closed_4429(launch: Launch) 
             for burst in range(40):
                 for i in range(30):
                     await client.send({"type": "ping", "id": burst * 100 + i})
-                await asyncio.sleep(0.25)
+                await asyncio.sleep(0.25)  # pacing a flood (20/s allowed), not waiting on a condition
         except ConnectionClosed:
             pass
 

@@ -40,7 +40,11 @@ async def test_a_client_resumes_with_its_last_position_and_misses_nothing(taskca
                                 "input": {"steps": 6, "step_ms": 60}})
     first = [await client.until(lambda f: f["type"] == "update") for _ in range(4)]
     await client.close()
-    await asyncio.sleep(0.2)  # the task moves on while nobody watches
+
+    async def moved_on() -> bool:  # the task moves on while nobody watches
+        return len(await taskcast.log.history(ack["task"])) > len(first) + 2
+
+    await eventually_async(moved_on, within=10, poll_s=0.02)
 
     again = await Client.open(ws_url(taskcast))
     sub = await again.request({"type": "subscribe", "channel": f"task:{ack['task']}",

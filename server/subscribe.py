@@ -55,7 +55,7 @@ async def follow(session: Session, channel: str, *, since: Position | None,
         scope = name
     if from_start:
         since = ZERO
-    elif since is not None and since <= await node.log.retention_floor():
+    elif since is not None and since <= (floor := await node.log.retention_floor()) and floor != ZERO:
         # Retention trimmed events after `since`: it cannot be resumed exactly. PROTOCOL.md:
         # recovered false, with the current views instead.
         since, snapshot = None, True

@@ -196,3 +196,19 @@ async def test_a_per_scope_limit_holds_at_every_instant_under_concurrent_claims(
             running += {E.TASK_STARTED: 1, E.TASK_COMPLETED: -1}.get(event.type, 0)
             most = max(most, running)
         assert most <= 2, scope
+
+
+async def test_a_running_worker_trims_the_history_of_ended_tasks(
+        event_log: EventLog, settings: Settings, in_process: list[asyncio.Task[None]]) -> None:
+    """Retention runs by itself in the worker's maintenance loop: an ended task older than
+    `retention_s` keeps only its last event, whose view stays readable."""
+    ack = await event_log.create(CreateTask("demo", "p", {"steps": 2, "step_ms": 0}))
+    _start(settings, event_log, in_process, retention_s=0.2, prune_every_s=0.2, maintain_every_s=0.1)
+
+    async def trimmed() -> bool:
+        events = await event_log.history(ack.task)
+        return len(events) == 1 and events[0].type is E.TASK_COMPLETED
+
+    await eventually_async(trimmed, within=15, poll_s=0.1)
+    assert (await event_log.view(ack.task))["status"] == "completed"
+    assert await event_log.retention_floor() > ack.position

@@ -22,6 +22,7 @@ from events.fold import View, apply, created_view
 from events.ids import ZERO, FenceToken, Position, TaskId, encode, new_task_id, position, split
 from events.model import Event, EventType, NewEvent
 from events.sql import q
+from events.tasks import Page, TaskQuery, list_tasks
 
 READ_PAGE = 1000
 COMMAND_ATTEMPTS = 20
@@ -169,6 +170,15 @@ class EventLog:
         if row["xid"] is not None:
             view["position"] = encode(position(row["xid"], row["seq"]))
         return view
+
+    async def list_views(self, query: TaskQuery) -> Page:
+        """One page of task views (events/tasks.py). Raises BadRequest, Unavailable."""
+        return await list_tasks(self.pool, query)
+
+    async def ping(self) -> None:
+        """One round trip to PostgreSQL. Raises Unavailable."""
+        async with db.acquire(self.pool) as conn:
+            await conn.fetchval("SELECT 1")
 
     async def scopes(self, tasks: Sequence[str]) -> dict[TaskId, str]:
         """The scope of each of `tasks` that exists."""

@@ -20,7 +20,7 @@ from events.fold import View, compact
 from events.ids import TaskId, encode, new_task_id
 from events.log import Ack, CreateTask
 from events.model import Status
-from events.tasks import TaskQuery, list_tasks
+from events.tasks import TaskQuery
 from server.auth import Principal, not_found_message
 from server.hub import Subscription
 from server.protocol.frames import Request
@@ -165,7 +165,7 @@ async def list_(session: Session, request: Request) -> dict[str, Any]:
     f = request.fields
     if f.get("scope") is not None:
         principal.require(f["scope"])
-    page = await list_tasks(session.node.pool, TaskQuery(
+    page = await session.node.log.list_views(TaskQuery(
         scope=f.get("scope"), statuses=tuple(f["status"]) if f.get("status") else None,
         kind=f.get("kind"), label=f.get("label"),
         scope_patterns=None if "*" in principal.scopes else principal.scopes,

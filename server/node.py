@@ -8,11 +8,11 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
-import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events.aio import wait_event
+from events.errors import TaskcastError
 from events.kinds import KindSpec
 from events.log import EventLog
 from events.projector import Projector
@@ -91,10 +91,6 @@ class Node:
         if not self.connections:
             self._all_closed.set()
 
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self.log.pool
-
     async def start(self) -> None:
         """Start the fan-out and sweeper loops, then accept connections."""
         self._loops = [asyncio.create_task(self.fanout.run(), name="node.fanout"),
@@ -150,9 +146,9 @@ class Node:
         checks = {"postgres": False, "redis": False, "relay_messages": False}
         try:
             async with asyncio.timeout(1.0):
-                await self.pool.fetchval("SELECT 1")
+                await self.log.ping()
             checks["postgres"] = True
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        except (TaskcastError, TimeoutError):
             pass
         try:
             async with asyncio.timeout(1.0):

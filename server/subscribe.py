@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from events.errors import BadRequest, NotFound
 from events.fold import compact
 from events.ids import ZERO, Position, TaskId, encode
-from events.tasks import MAX_LIST, TaskQuery, list_tasks
+from events.tasks import MAX_LIST, TaskQuery
 from server.hub import Subscription, frame
 from server.protocol.frames import Request
 
@@ -75,7 +75,7 @@ async def follow(session: Session, channel: str, *, since: Position | None,
             if view is not None:
                 views, answer["position"] = [compact(view)], view["position"]
             else:
-                page = await list_tasks(node.pool, TaskQuery(
+                page = await node.log.list_views(TaskQuery(
                     scope=name or None, limit=MAX_LIST,
                     scope_patterns=None if "*" in principal.scopes else principal.scopes))
                 views = [compact(v) for v in page.tasks if principal.may(v["scope"])]

@@ -76,3 +76,4 @@ class Unavailable(TaskcastError):
 
 class Internal(TaskcastError):
     code = "internal"
+    retryable = True  # nothing is known to have been written: retrying with the key is safe

@@ -25,6 +25,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from events.errors import BadRequest
 from events.ids import Position, encode
 from server import wsframe
 from server.protocol.frames import FrameError, decode
@@ -211,8 +212,9 @@ class Connection(asyncio.Protocol):
                     data, self.fragments = b"".join(self.fragments), None
                     self._message(data)
             elif opcode is Opcode.BINARY:
-                self.send({"type": "error", "code": "bad_request", "retryable": False,
-                           "message": "binary messages are not part of the protocol; send JSON text"})
+                assert self.session is not None
+                self.session.fail(None, BadRequest("binary messages are not part of the protocol; "
+                                                   "send JSON text"))
             elif opcode is Opcode.CONT and self.fragments is None:
                 pass  # the continuation of a binary message
         self._flush()

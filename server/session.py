@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from events.errors import BadRequest, TaskcastError, Unauthorized
+from events.errors import BadRequest, Internal, RateLimited, TaskcastError, Unauthorized
 from server.auth import Principal
 from server.protocol.frames import FrameError, Request
 
@@ -70,7 +70,7 @@ class Session:
     def refuse(self, exc: FrameError) -> None:
         self.node.metrics.frames_in += 1
         self.node.metrics.bad_frames += 1
-        self.error(exc.id, "bad_request", str(exc))
+        self.fail(exc.id, BadRequest(str(exc)))
 
     def handle(self, request: Request) -> None:
         self.node.metrics.frames_in += 1
@@ -83,12 +83,12 @@ class Session:
             return
         if request.type == "hello":
             if self.state is not SessionState.AWAITING_HELLO:
-                self.error(request.id, "bad_request", "`hello` was answered already")
+                self.fail(request.id, BadRequest("`hello` was answered already"))
             else:
                 self._hello(request)
             return
         if self.state is not SessionState.OPEN:
-            self.error(request.id, "unauthorized", "send `hello` first")
+            self.fail(request.id, Unauthorized("send `hello` first"))
             return
         handler = self.node.handlers[request.type]
         self.conn.request_started()
@@ -100,19 +100,21 @@ class Session:
             if answer is not None:
                 self.conn.send(answer)
         except TaskcastError as exc:
-            self.error(request.id, exc.code, str(exc), exc.retryable)
+            self.fail(request.id, exc)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("%s failed", request.type)
             self.node.metrics.internal_errors += 1
-            self.error(request.id, "internal", "internal error", True)
+            self.fail(request.id, Internal("internal error"))
         finally:
             self.conn.request_done()
 
-    def error(self, id_: Any, code: str, message: str, retryable: bool = False) -> None:
-        frame: dict[str, Any] = {"type": "error", "code": code, "message": message,
-                                 "retryable": retryable}
+    def fail(self, id_: Any, exc: TaskcastError) -> None:
+        """Answer with an `error` frame: its code and retryability are the error's own
+        (events/errors.py is the one error tree of every error frame)."""
+        frame: dict[str, Any] = {"type": "error", "code": exc.code, "message": str(exc),
+                                 "retryable": exc.retryable}
         if id_ is not None:
             frame["id"] = id_
         self.conn.send(frame)
@@ -131,8 +133,8 @@ class Session:
         if self.strikes >= 2:
             self.conn.close(4429, "too many frames")
         elif request.id is not None or self.window_frames == self.node.settings.rate_per_s + 1:
-            self.error(request.id, "rate_limited",
-                       f"more than {self.node.settings.rate_per_s} frames per second; slow down", True)
+            self.fail(request.id, RateLimited(
+                f"more than {self.node.settings.rate_per_s} frames per second; slow down"))
         return False
 
     # hello

@@ -13,7 +13,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from server.settings import Settings, from_env
+from server.settings import Settings, SettingsError, from_env
 
 DESCRIPTION = """taskcast: a realtime task event server.
 
@@ -47,16 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, helptext in (("dev", "run everything locally, with embedded servers when no URLs are set"),
                            ("serve", "run a server node")):
         p = sub.add_parser(name, help=helptext, description=helptext)
-        p.add_argument("--host", default=os.environ.get("TASKCAST_HOST", "127.0.0.1"))
-        p.add_argument("--port", type=int, default=int(os.environ.get("TASKCAST_PORT", "8000")))
+        p.add_argument("--host", help="default: TASKCAST_HOST, else 127.0.0.1")
+        p.add_argument("--port", type=int, help="default: TASKCAST_PORT, else 8000")
         p.add_argument("--insecure", action="store_true",
                        help="serve a non-loopback --host without TASKCAST_SECRET (everyone may do anything)")
         if name == "dev":
             p.add_argument("--data-dir", default=os.environ.get("TASKCAST_DATA_DIR", ".taskcast"),
                            help="where embedded PostgreSQL and Valkey keep their data")
-            p.add_argument("--workers", type=int, default=2, help="worker loops in this process")
+            p.add_argument("--workers", type=int, help="worker loops in this process (TASKCAST_WORKERS, 2)")
     p = sub.add_parser("worker", help="run a worker", description="claim and run tasks")
-    p.add_argument("--concurrency", type=int, default=8, help="tasks run at once")
+    p.add_argument("--concurrency", type=int,
+                   help="tasks run at once (TASKCAST_WORKER_CONCURRENCY, 8)")
     sub.add_parser("relay", help="run the relay", description="publish the event log to Redis")
     sub.add_parser("migrate", help="apply migrations", description="apply pending migrations")
     p = sub.add_parser("token", help="mint a token", description="mint an HS256 token (TASKCAST_SECRET)")
@@ -99,11 +100,18 @@ def main(argv: list[str] | None = None) -> int:
         print(mint(secret, args.subject, args.scope or ["*"], ttl_s=args.ttl))
         return 0
 
-    settings = from_env(node_id=f"{socket.gethostname()}:{os.getpid()}")
-    if args.command in ("dev", "serve") and not _safe_to_serve(settings, args.host, args.insecure):
+    try:
+        settings = from_env(node_id=f"{socket.gethostname()}:{os.getpid()}",
+                            host=getattr(args, "host", None), port=getattr(args, "port", None),
+                            workers=getattr(args, "workers", None),
+                            worker_concurrency=getattr(args, "concurrency", None))
+    except SettingsError as exc:
+        print(f"taskcast: {exc}", file=sys.stderr)
+        return 2
+    if args.command in ("dev", "serve") and not _safe_to_serve(settings, settings.host, args.insecure):
         return 2
     if args.command == "dev":
-        return dev(settings.with_(host=args.host, port=args.port), Path(args.data_dir), args.workers)
+        return dev(settings, Path(args.data_dir), settings.workers)
     if not settings.database_url or not settings.redis_url:
         print(f"taskcast {args.command}: set DATABASE_URL and REDIS_URL (or use `taskcast dev`)",
               file=sys.stderr)
@@ -113,10 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return _migrate(settings)
     if args.command == "serve":
-        settings = settings.with_(host=args.host, port=args.port)
         roles = Roles(serve=True)
     elif args.command == "worker":
-        settings = settings.with_(worker_concurrency=args.concurrency)
         roles = Roles(workers=1)
     else:
         roles = Roles(relay=True)

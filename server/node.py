@@ -22,7 +22,6 @@ from server.connection import Connection
 from server.fanout import Fanout
 from server.http import READY_WITHIN_S, Http, Metrics
 from server.hub import Hub
-from server.protocol.frames import FrameLimits
 from server.session import SessionState
 from server.settings import Settings
 
@@ -53,8 +52,7 @@ class Node:
         self._all_closed = asyncio.Event()
         self.failed = asyncio.Event()  # a background loop died: the process should stop
         self._per_principal: dict[str, int] = {}
-        self.frame_limits = FrameLimits(max_input_bytes=settings.max_input_bytes,
-                                        max_json_depth=settings.max_json_depth)
+        self.frame_limits = settings.frame_limits()
 
     def own_origins(self) -> tuple[str, ...]:
         """The browser origins of this server itself: its public URL, and its loopback

@@ -20,9 +20,9 @@ from redis.exceptions import RedisError
 from events import db
 from events.kinds import KindSpec, as_kind, builtin
 from events.log import EventLog
-from events.relay import Relay, RelayConfig
+from events.relay import Relay
 from events.waker import Waker
-from events.worker import Worker, WorkerConfig
+from events.worker import Worker
 from server.node import Node
 from server.settings import Settings
 
@@ -93,14 +93,10 @@ class Process:
             self._start(self.waker.run(), "waker")
             self.log = EventLog(self.pool, on_append=self.waker.poke)
             if self.roles.relay:
-                self.relay = Relay(s.database_url, self.log, self.redis, RelayConfig(channel=s.channel))
+                self.relay = Relay(s.database_url, self.log, self.redis, s.relay_config())
                 self._start(self.relay.run(), "relay")
             for i in range(self.roles.workers):
-                worker = Worker(s.database_url, self.log, kinds,
-                                WorkerConfig(concurrency=s.worker_concurrency, lease_s=s.lease_s,
-                                             cancel_grace_s=s.cancel_grace_s, scope_limit=s.scope_limit,
-                                             retention_s=s.retention_s, drain_grace_s=s.drain_grace_s,
-                                             stop_s=s.stop_timeout_s))
+                worker = Worker(s.database_url, self.log, kinds, s.worker_config())
                 self.workers.append(worker)
                 self._start(worker.run(), f"worker-{i}")
             # Last in, first out: at stop the workers drain before their loops are cancelled.

@@ -1,11 +1,29 @@
-"""All configuration, in one frozen object built once by the CLI and passed down."""
+"""All configuration, in one frozen object built once (by the CLI, from flags and the
+environment) and passed down; every other config object is built from it.
+
+Each field is read from one environment variable: `DATABASE_URL`, `REDIS_URL`, and
+`TASKCAST_<FIELD>` for the rest (`TASKCAST_LEASE_S`, `TASKCAST_RATE_PER_S`, ...; lists are
+comma-separated). Defaults live with the code they configure (WorkerConfig, RelayConfig,
+FrameLimits) and are referred to here, never repeated. `from_env` checks every value and
+raises SettingsError naming the variable.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
+
+from events.relay import RelayConfig
+from events.worker import WorkerConfig
+from server.protocol.frames import DEFAULT_LIMITS, FrameLimits
+
+_W = WorkerConfig()
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names its variable."""
 
 
 @dataclass(frozen=True)
@@ -16,12 +34,12 @@ class Settings:
     port: int = 8000
     node_id: str = ""
     channel: str = "taskcast:events"  # the relay's Redis channel
-    secret: str | None = None  # HS256 secret; None: no auth (dev)
+    secret: str | None = None  # HS256 secret; None: no auth (development on loopback)
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides the server's own
     public_url: str | None = None  # where browsers reach this server (its origin is allowed)
     kinds: tuple[str, ...] = ()  # extra kinds, "package.module:attr"
     shell_allow: tuple[str, ...] = ()  # commands the `shell` kind may run; none: disabled
-    # limits (PROTOCOL.md: welcome.limits)
+    # the gateway's limits (PROTOCOL.md, Limits)
     max_frame_bytes: int = 256 * 1024
     max_subscriptions: int = 100
     rate_per_s: int = 1000
@@ -31,52 +49,95 @@ class Settings:
     send_buffer_bytes: int = 256 * 1024  # past this a subscription gets `resync`
     send_buffer_hard_bytes: int = 1024 * 1024  # past this the socket is closed (4429)
     max_inflight: int = 32  # concurrent commands/queries per socket before reading pauses
-    max_input_bytes: int = 64 * 1024  # a create's `input` (an answer's `answer`), encoded
-    max_json_depth: int = 32  # nesting of objects and arrays in `input` and `answer`
+    max_input_bytes: int = DEFAULT_LIMITS.max_input_bytes
+    max_json_depth: int = DEFAULT_LIMITS.max_json_depth
     # workers
-    workers: int = 2
-    worker_concurrency: int = 8
-    lease_s: float = 30.0
-    cancel_grace_s: float = 5.0
-    drain_grace_s: float = 10.0  # at SIGTERM, running tasks' time to finish before hand-back
+    workers: int = 2  # worker loops in a `taskcast dev` process
+    worker_concurrency: int = _W.concurrency
+    lease_s: float = _W.lease_s
+    cancel_grace_s: float = _W.cancel_grace_s
+    drain_grace_s: float = _W.drain_grace_s
+    scope_limit: int | None = _W.scope_limit
+    retention_s: float | None = _W.retention_s  # history of ended tasks kept (None: forever)
+    # every process
     stop_timeout_s: float = 10.0  # each stage of a stop, beyond the drain grace
-    scope_limit: int | None = None  # running tasks per scope (TASKCAST_SCOPE_LIMIT)
-    retention_s: float = 7 * 24 * 3600.0  # history of ended tasks kept (TASKCAST_RETENTION_S)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
+    def frame_limits(self) -> FrameLimits:
+        return FrameLimits(max_input_bytes=self.max_input_bytes, max_json_depth=self.max_json_depth)
+
+    def worker_config(self) -> WorkerConfig:
+        return WorkerConfig(concurrency=self.worker_concurrency, lease_s=self.lease_s,
+                            cancel_grace_s=self.cancel_grace_s, scope_limit=self.scope_limit,
+                            retention_s=self.retention_s, drain_grace_s=self.drain_grace_s,
+                            stop_s=self.stop_timeout_s)
+
+    def relay_config(self) -> RelayConfig:
+        return RelayConfig(channel=self.channel)
+
+    def check(self) -> Settings:
+        """Raise SettingsError for a value no process could run with; return self."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            numeric = str(f.type).replace(" | None", "") in ("int", "float")
+            rule = _RULES.get(f.name, _positive if numeric else None)
+            if rule is not None and value is not None and not rule(value):
+                raise SettingsError(f"{env_name(f.name)}={value!r}: {_RULE_TEXT[rule]}")
+        return self
+
+
+def _positive(v: Any) -> bool:
+    return bool(v > 0)
+
+
+def _port(v: Any) -> bool:
+    return bool(0 <= v <= 65535)
+
+
+def _origin_list(v: Any) -> bool:
+    return all(o == "*" or o == "null" or "://" in o for o in v)
+
+
+_RULES: dict[str, Callable[[Any], bool]] = {"port": _port, "allowed_origins": _origin_list,
+                                            "scope_limit": _positive}
+_RULE_TEXT: dict[Callable[[Any], bool], str] = {
+    _positive: "must be a positive number", _port: "must be a port (0..65535)",
+    _origin_list: "each must be an origin (scheme://host[:port]), `null` or `*`"}
+_ENV = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a field."""
+    return _ENV.get(field, "TASKCAST_" + field.upper())
+
+
+def _parse(kind: str, raw: str) -> Any:
+    kind = kind.replace(" | None", "")
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "tuple[str, ...]":
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
 
 def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Settings from environment variables (TASKCAST_*, DATABASE_URL, REDIS_URL) and flags."""
+    """Settings from the environment, then `overrides` (flags; None means "not given").
+    Raises SettingsError naming the variable of a value that is not acceptable."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {
-        "database_url": env.get("DATABASE_URL", ""),
-        "redis_url": env.get("REDIS_URL", ""),
-        "secret": env.get("TASKCAST_SECRET") or None,
-        "allowed_origins": tuple(o.strip() for o in env.get("TASKCAST_ALLOWED_ORIGINS", "").split(",")
-                                 if o.strip()),
-        "public_url": env.get("TASKCAST_PUBLIC_URL") or None,
-        "kinds": tuple(k for k in env.get("TASKCAST_KINDS", "").split(",") if k),
-        "shell_allow": tuple(c.strip() for c in env.get("TASKCAST_SHELL_ALLOW", "").split(",") if c.strip()),
-    }
-    if env.get("TASKCAST_LEASE_S"):
-        values["lease_s"] = float(env["TASKCAST_LEASE_S"])
-    if env.get("TASKCAST_MAX_CONNECTIONS_PER_PRINCIPAL"):
-        values["max_connections_per_principal"] = int(env["TASKCAST_MAX_CONNECTIONS_PER_PRINCIPAL"])
-    if env.get("TASKCAST_DRAIN_GRACE_S"):
-        values["drain_grace_s"] = float(env["TASKCAST_DRAIN_GRACE_S"])
-    if env.get("TASKCAST_STOP_TIMEOUT_S"):
-        values["stop_timeout_s"] = float(env["TASKCAST_STOP_TIMEOUT_S"])
-    if env.get("TASKCAST_RETENTION_S"):
-        values["retention_s"] = float(env["TASKCAST_RETENTION_S"])
-    if env.get("TASKCAST_SCOPE_LIMIT"):
-        values["scope_limit"] = int(env["TASKCAST_SCOPE_LIMIT"])
-    if env.get("TASKCAST_MAX_INPUT_BYTES"):
-        values["max_input_bytes"] = int(env["TASKCAST_MAX_INPUT_BYTES"])
-    if env.get("TASKCAST_MAX_JSON_DEPTH"):
-        values["max_json_depth"] = int(env["TASKCAST_MAX_JSON_DEPTH"])
-    if "TASKCAST_CHANNEL" in env:
-        values["channel"] = env["TASKCAST_CHANNEL"]
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = env.get(env_name(f.name))
+        if raw is None or (raw == "" and f.type != "str"):
+            continue
+        try:
+            values[f.name] = _parse(str(f.type), raw)
+        except ValueError:
+            raise SettingsError(f"{env_name(f.name)}={raw!r}: must be {f.type}") from None
+    if values.get("secret") == "":
+        values["secret"] = None
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**values)
+    return Settings(**values).check()

@@ -20,7 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Subprotocol
 
-from server.process import Process, Roles
+from cli.process import Process, Roles
 from server.settings import Settings
 
 WARMUP = 200
@@ -62,7 +62,8 @@ async def main(loop_name: str) -> None:
                                    subprotocols=[Subprotocol("taskcast.v1")])
             except (InvalidHandshake, ConnectionClosed) as exc:
                 raise SystemExit(f"the websocket handshake failed on {loop_name} ({exc}); on uvloop, "
-                                 "see the traceback above (server/connection.py's transport check); "
+                                 "see the traceback above (the transport check in "
+                                 "server/transport/connection.py); "
                                  "try --asyncio") from None
             try:
                 welcome, _ = await request(ws, {"type": "hello", "id": 0, "client": "bench/1"})

@@ -66,12 +66,12 @@ def free_port() -> int:
 
 
 class Child:
-    """One `python -m server.cli <role>` subprocess; its stderr goes to a temp file."""
+    """One `python -m cli.main <role>` subprocess; its stderr goes to a temp file."""
 
     def __init__(self, role: str, args: Sequence[str], env: dict[str, str]) -> None:
         self.role = role
         self._log = tempfile.NamedTemporaryFile(prefix=f"bench_{role}_", suffix=".log", delete=False)  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "server.cli", role, *args], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli.main", role, *args], cwd=ROOT, env=env,
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      preexec_fn=_child_setup)
         self.pid = self.proc.pid

@@ -1,12 +1,11 @@
-"""A server node: the listener, its sockets, the fan-out hub and the request handlers."""
+"""A server node: the listener, its sockets, the fan-out and the request handlers, composed."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -15,15 +14,14 @@ from events.aio import wait_event
 from events.errors import TaskcastError
 from events.kinds import KindSpec
 from events.log import EventLog
-from events.projector import Projector
-from server.auth import Auth, origin_of
-from server.commands import handlers
-from server.connection import Connection
-from server.fanout import Fanout
-from server.http import READY_WITHIN_S, Http, Metrics
-from server.hub import Hub
-from server.session import SessionState
+from server.fanout.receiver import Fanout
+from server.handlers.commands import handlers
+from server.protocol.session import SessionState
+from server.services import Services
 from server.settings import Settings
+from server.transport.connection import Connection
+from server.transport.http import READY_WITHIN_S, Http
+from server.transport.metrics import Metrics
 
 log = logging.getLogger("taskcast.node")
 
@@ -31,63 +29,31 @@ SHUTDOWN_GRACE_S = 5.0
 
 
 class Node:
+    """A gateway node: composes the parts (services, fan-out, HTTP, the listener) and runs
+    their loops. Nothing imports it: each part sees only `Services`."""
+
     def __init__(self, settings: Settings, log_: EventLog, redis: Redis,
                  kinds: Mapping[str, KindSpec]) -> None:
-        self.settings = settings
-        self.log = log_
+        self.services = services = Services(settings, log_, kinds, handlers())
         self.redis = redis
-        self.kinds = dict(kinds)
-        self.auth = Auth(settings.secret, settings.allowed_origins)
-        self.hub = Hub()
-        self.projector = Projector(log_)
-        self.fanout = Fanout(redis, settings.channel, self.hub, log_, self.projector)
-        self.metrics = Metrics()
-        self.http = Http(self)
-        self.handlers = handlers()
-        self.connections: set[Connection] = set()  # open websocket sessions
-        self.transports: set[asyncio.Transport] = set()  # every TCP connection, HTTP included
+        self.fanout = Fanout(redis, settings.channel, services.hub, log_, services.projector)
+        services.http = Http(lambda: self.services.settings, self.readiness,
+                             lambda: services.metrics.render(services, self.fanout))
         self.server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._all_closed = asyncio.Event()
         self.failed = asyncio.Event()  # a background loop died: the process should stop
-        self._per_principal: dict[str, int] = {}
-        self.frame_limits = settings.frame_limits()
 
-    def own_origins(self) -> tuple[str, ...]:
-        """The browser origins of this server itself: its public URL, and its loopback
-        addresses on its port (where the dashboard it serves is opened in development)."""
-        port = self.settings.port
-        own = [f"http://{host}:{port}" for host in ("127.0.0.1", "localhost", "[::1]")]
-        if self.settings.public_url and (public := origin_of(self.settings.public_url)):
-            own.append(public)
-        return tuple(own)
+    @property
+    def settings(self) -> Settings:
+        return self.services.settings
 
-    def origin_allowed(self, origin: str) -> bool:
-        """Whether a browser page of `origin` may open a socket (server/auth.py says why the
-        request's Host header plays no part)."""
-        return self.auth.origin_allowed(origin, self.own_origins())
+    @property
+    def connections(self) -> set[Connection]:
+        return self.services.connections
 
-    def admit(self, principal: str) -> bool:
-        """Count a socket against its principal's limit; False when over it."""
-        count = self._per_principal.get(principal, 0)
-        if count >= self.settings.max_connections_per_principal:
-            return False
-        self._per_principal[principal] = count + 1
-        return True
-
-    def release(self, principal: str) -> None:
-        count = self._per_principal.get(principal, 0) - 1
-        if count > 0:
-            self._per_principal[principal] = count
-        else:
-            self._per_principal.pop(principal, None)
-
-    def forget(self, conn: Connection) -> None:
-        """A socket ended."""
-        self.connections.discard(conn)
-        if not self.connections:
-            self._all_closed.set()
+    @property
+    def metrics(self) -> Metrics:
+        return self.services.metrics
 
     async def start(self) -> None:
         """Start the fan-out and sweeper loops, then accept connections."""
@@ -96,11 +62,11 @@ class Node:
         for loop_task in self._loops:
             loop_task.add_done_callback(self._loop_died)
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: Connection(self), self.settings.host,
+        self.server = await loop.create_server(lambda: Connection(self.services), self.settings.host,
                                                self.settings.port, backlog=4096)
         sockets = self.server.sockets
         if sockets and self.settings.port == 0:
-            self.settings = self.settings.with_(port=sockets[0].getsockname()[1])
+            self.services.settings = self.settings.with_(port=sockets[0].getsockname()[1])
 
     def _loop_died(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -117,13 +83,17 @@ class Node:
         for conn in list(self.connections):
             conn.close(1001, "server going away")
         if self.connections:
-            self._all_closed.clear()
-            await wait_event(self._all_closed, SHUTDOWN_GRACE_S)
-        for transport in list(self.transports):
+            self.services.all_closed.clear()
+            await wait_event(self.services.all_closed, SHUTDOWN_GRACE_S)
+        for transport in list(self.services.transports):
             transport.abort()
-        for task in [*self._loops, *self._tasks]:
+        tasks = [*self._loops, *self.services.tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
+            for task in pending:
+                log.warning("%s did not stop in time", task.get_name())
         self._loops = []
         if self.server is not None:
             try:
@@ -133,18 +103,12 @@ class Node:
                 log.warning("the listener did not close in time")
             self.server = None
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a request's coroutine as a task the node owns (cancelled at shutdown)."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def readiness(self) -> dict[str, bool]:
         """PostgreSQL answers, and relay messages actually arrive here through Redis."""
         checks = {"postgres": False, "redis": False, "relay_messages": False}
         try:
             async with asyncio.timeout(1.0):
-                await self.log.ping()
+                await self.services.log.ping()
             checks["postgres"] = True
         except (TaskcastError, TimeoutError):
             pass

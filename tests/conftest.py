@@ -22,11 +22,11 @@ import asyncpg
 import pytest
 import uvloop
 
+from cli.embedded import EmbeddedPostgres, start_postgres, stop_postgres
+from cli.process import Process, Roles
 from events import db
 from events.log import EventLog
 from events.migrate import migrate
-from server.embedded import EmbeddedPostgres, start_postgres, stop_postgres
-from server.process import Process, Roles
 from server.settings import Settings
 from tests.restarting import Restartable
 
@@ -68,7 +68,7 @@ def servers() -> Iterator[tuple[str, str]]:
     if database_url and redis_url:
         yield database_url, redis_url
         return
-    from server.embedded import EmbeddedPair
+    from cli.embedded import EmbeddedPair
 
     with tempfile.TemporaryDirectory(prefix="taskcast-test-") as root, EmbeddedPair(Path(root)) as pair:
         yield database_url or pair[0], redis_url or pair[1]

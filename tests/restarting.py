@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from server.process import Process, Roles
+from cli.process import Process, Roles
 from server.settings import Settings
 from tests.waiting import free_port
 

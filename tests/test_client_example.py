@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from server.process import Process
+from cli.process import Process
 from tests.conftest import ws_url
 from tests.restarting import Restartable
 from tests.waiting import eventually

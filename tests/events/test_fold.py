@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from cli.process import Process
 from events.errors import IllegalTransition
 from events.fold import apply, rebuild
 from events.ids import TaskId
 from events.log import EventLog
 from events.model import TERMINAL, TRANSITIONS, EventType, Status, next_status
-from server.process import Process
 from tests.conftest import ws_url
 from tests.wsclient import Client
 

@@ -6,8 +6,8 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from cli.process import Process
 from events.kinds.git import parse_progress
-from server.process import Process
 from tests.conftest import ws_url
 from tests.events.kinds_support import (
     all_gone,

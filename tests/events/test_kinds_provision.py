@@ -10,10 +10,10 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from cli.process import Process
 from events.kinds.agent import STATE_FILE
 from events.kinds.proc import gone, wait_gone
 from events.kinds.provision import ensure_agent, make_provision, request, stop_agent
-from server.process import Process
 from tests.conftest import ws_url
 from tests.events.kinds_support import (
     create,

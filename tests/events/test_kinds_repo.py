@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from server.process import Process
+from cli.process import Process
 from tests.conftest import ws_url
 from tests.events.kinds_support import (
     all_gone,

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from events.ids import Position
 from events.log import CreateTask, EventLog
 from events.wire import decode_batch
-from server.chain import plan
+from server.fanout.chain import plan
 from server.settings import Settings
 from tests.waiting import eventually, eventually_async
 
@@ -48,7 +48,7 @@ async def _standing_by(database_url: str) -> bool:
 def _relay(settings: Settings) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
            "TASKCAST_CHANNEL": settings.channel, "TASKCAST_LOG": "WARNING"}
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "relay"], env=env)
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "relay"], env=env)
 
 
 async def test_a_standby_relay_takes_over_within_five_seconds_losing_nothing(

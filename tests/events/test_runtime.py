@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
+from cli.process import Process, load_kinds
 from events.kinds import builtin
 from events.log import CreateTask, EventLog
 from events.model import EventType
 from events.queue import Queue
 from events.worker import Worker, WorkerConfig
-from server.process import Process, load_kinds
 from server.settings import Settings
 from tests.conftest import ws_url
 from tests.waiting import eventually_async

@@ -44,7 +44,7 @@ def _worker(settings: Settings, log: Path | None = None) -> subprocess.Popen[byt
            "TASKCAST_LEASE_S": "1.5", "TASKCAST_LOG": "WARNING"}
     out = log.open("wb") if log is not None else None
     try:
-        return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env,
+        return subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=env,
                                 stderr=out or None)
     finally:
         if out is not None:

@@ -10,8 +10,8 @@ import jwt
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from server.auth import mint
-from server.process import Process
+from cli.process import Process
+from server.protocol.auth import mint
 from tests.conftest import ws_url
 from tests.wsclient import Client
 
@@ -146,7 +146,7 @@ async def test_connections_per_principal_are_limited(launch: Launch) -> None:
 def test_origins_are_the_servers_own_and_the_configured_ones_never_the_host() -> None:
     """The server's own origins and the configured ones may connect; an origin is never
     trusted for matching the request's Host (DNS rebinding), with or without a secret."""
-    from server.auth import Auth
+    from server.protocol.auth import Auth
 
     own = ("http://127.0.0.1:8000", "https://tasks.example")
     for auth in (Auth(SECRET), Auth(None)):

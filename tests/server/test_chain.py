@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from events.ids import Position, TaskId
 from events.wire import Batch, Update, decode_batch, encode_batch
-from server.chain import plan
+from server.fanout.chain import plan
 
 
 def _u(pos: int) -> Update:

@@ -1,4 +1,4 @@
-"""server/client.py: the CLI's follower of one channel, over the public protocol."""
+"""cli/client.py: the CLI's follower of one channel, over the public protocol."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from server.auth import mint
-from server.client import Backoff, Follower, Frame, Refused, RequestFailed, Update
-from server.process import Process
+from cli.client import Backoff, Follower, Frame, Refused, RequestFailed, Update
+from cli.process import Process
+from server.protocol.auth import mint
 from tests.conftest import ws_url
 
 SECRET = "a-follower-test-secret-of-32-bytes-or-more"

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
-from server.process import Process
+from cli.process import Process
 from tests.conftest import ws_url
 from tests.waiting import eventually
 from tests.wsclient import Client

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from server.auth import mint
-from server.process import Process
+from cli.process import Process
+from server.protocol.auth import mint
 from tests.conftest import ws_url
 from tests.restarting import Restartable
 from tests.waiting import free_port

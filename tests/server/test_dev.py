@@ -17,7 +17,7 @@ from tests.wsclient import Client
 def _spawn_dev(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "server.cli", "dev", "--port", str(port),
+        return subprocess.Popen([sys.executable, "-m", "cli.main", "dev", "--port", str(port),
                                  "--data-dir", str(data_dir)], env=env, stdout=out, stderr=subprocess.STDOUT)
 
 

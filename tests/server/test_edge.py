@@ -69,7 +69,7 @@ async def live(settings: Settings, tmp_path: Path) -> AsyncIterator[Live]:
         for name, args in commands.items():
             logs[name] = tmp_path / f"{name}.log"
             with logs[name].open("wb") as out:
-                procs[name] = subprocess.Popen([sys.executable, "-m", "server.cli", *args], env=env,
+                procs[name] = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env,
                                                stdout=out, stderr=subprocess.STDOUT)
 
         async def ready() -> bool:

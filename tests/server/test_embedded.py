@@ -1,4 +1,4 @@
-"""The embedded PostgreSQL and Valkey that `taskcast dev` and the test-suite boot (server/embedded.py)."""
+"""The embedded PostgreSQL and Valkey that `taskcast dev` and the test-suite boot (cli/embedded.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 import redis
 
-from server.embedded import (
+from cli.embedded import (
     EmbeddedPair,
     EmbeddedServerError,
     restart_postgres,
@@ -252,7 +252,7 @@ def test_servers_are_stopped_when_their_starter_is_killed(tmp_path: Path) -> Non
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from server.embedded import start_postgres, start_valkey\n"
+        "from cli.embedded import start_postgres, start_valkey\n"
         f"pg = start_postgres(Path({str(tmp_path / 'pg')!r}))\n"
         f"v = start_valkey(Path({str(tmp_path / 'v')!r}), persist=False)\n"
         "print(pg.pid, v.pid, flush=True)\n"

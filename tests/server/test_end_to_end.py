@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from cli.process import Process
 from events.fold import compact
 from events.ids import TaskId
-from server.process import Process
 from tests.conftest import ws_url
 from tests.wsclient import Client
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from cli.embedded import restart_valkey, start_valkey, stop_valkey
+from cli.process import Process, Roles
 from events.ids import TaskId
 from events.log import EventLog
 from events.relay import Relay, RelayConfig
 from events.waker import Waker
-from server.embedded import restart_valkey, start_valkey, stop_valkey
-from server.process import Process, Roles
 from server.settings import Settings
 from tests.conftest import ws_url
 from tests.waiting import eventually_async

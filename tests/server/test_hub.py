@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from events.ids import ZERO, Position, TaskId
 from events.wire import Update
-from server.hub import Hub, Subscription
+from server.fanout.hub import Hub, Subscription
 
 
 class Socket:
@@ -101,7 +101,7 @@ def test_an_update_already_routed_is_not_routed_again() -> None:
 
 def test_too_many_held_updates_resync_the_subscription() -> None:
     """A catch-up that falls too far behind is stopped with resync, never grows memory."""
-    from server.hub import MAX_PENDING
+    from server.fanout.hub import MAX_PENDING
 
     hub = Hub()
     socket = Socket()

@@ -14,13 +14,13 @@ import asyncpg
 import orjson
 from websockets.frames import Frame, Opcode
 
+from cli.embedded import EmbeddedPostgres, restart_postgres
+from cli.process import Process, Roles
 from events.fold import MAX_COMPACT_BYTES
 from events.ids import TaskId
 from events.log import CreateTask
 from events.projector import Projector
-from server.auth import mint
-from server.embedded import EmbeddedPostgres, restart_postgres
-from server.process import Process, Roles
+from server.protocol.auth import mint
 from server.settings import Settings
 from tests.conftest import ws_url
 from tests.waiting import eventually, eventually_async
@@ -67,7 +67,7 @@ async def test_two_hellos_in_one_write_answer_bad_request_and_leak_no_admission(
         data = await _read_until(reader, b'"welcome"', b'"bad_request"')
         assert b'"internal"' not in data
         writer.close()
-        await eventually(lambda: not process.node._per_principal)  # type: ignore[union-attr]
+        await eventually(lambda: not process.node.services.admitted())  # type: ignore[union-attr]
     first = await Client.open(ws_url(process), token=token)
     second = await Client.open(ws_url(process), token=token)
     assert (await second.request({"type": "ping"}))["type"] == "pong"
@@ -260,7 +260,7 @@ def test_serve_without_a_secret_refuses_a_public_host() -> None:
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TASKCAST_SECRET"}
-    done = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+    done = subprocess.run([sys.executable, "-m", "cli.main", "serve", "--host", "0.0.0.0", "--port", "0"],
                           env=env, capture_output=True, timeout=30, check=False)
     assert done.returncode == 2 and b"TASKCAST_SECRET" in done.stderr and b"--insecure" in done.stderr
 

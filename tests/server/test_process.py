@@ -17,11 +17,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from cli.process import Process, Roles
 from events.ids import TaskId
 from events.kinds import KindSpec
 from events.log import CreateTask, EventLog
 from events.model import EventType
-from server.process import Process, Roles
 from server.settings import Settings
 from tests.waiting import eventually, eventually_async
 
@@ -37,7 +37,7 @@ def worker_procs(settings: Settings, tmp_path: Path) -> Iterator[list[subprocess
     procs = []
     for i in range(2):
         with (tmp_path / f"worker-{i}.log").open("wb") as out:
-            procs.append(subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env,
+            procs.append(subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=env,
                                           stdout=out, stderr=subprocess.STDOUT))
     yield procs
     for proc in procs:

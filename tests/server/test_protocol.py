@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from server.process import Process
+from cli.process import Process
 from tests.conftest import ws_url
 from tests.waiting import eventually_async
 from tests.wsclient import Client

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from server.embedded import EmbeddedPostgres, restart_postgres, stop_postgres
-from server.process import Process, Roles
+from cli.embedded import EmbeddedPostgres, restart_postgres, stop_postgres
+from cli.process import Process, Roles
 from server.settings import Settings
 from tests.conftest import ws_url
 from tests.waiting import eventually_async
@@ -115,7 +115,7 @@ async def test_a_slow_reader_is_resynced_or_closed_and_fast_sockets_get_everythi
     async def watch_buffers() -> None:
         nonlocal peak
         while True:
-            peak = max([peak, *(t.get_write_buffer_size() for t in process.node.transports)])  # type: ignore[union-attr]
+            peak = max([peak, *(t.get_write_buffer_size() for t in process.node.services.transports)])  # type: ignore[union-attr]
             await asyncio.sleep(0.005)
 
     watching = asyncio.create_task(watch_buffers())

@@ -18,7 +18,7 @@ from tests.wsclient import Client
 def _serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
            "TASKCAST_CHANNEL": settings.channel, "TASKCAST_LOG": "WARNING"}
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port)], env=env)
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port)], env=env)
 
 
 async def test_sigterm_closes_every_socket_with_1001_and_exits(settings: Settings) -> None:

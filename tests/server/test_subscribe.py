@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from cli.process import Process
 from events.ids import ZERO, encode
-from server.auth import mint
-from server.process import Process
+from server.protocol.auth import mint
 from tests.conftest import ws_url
 from tests.wsclient import Client
 

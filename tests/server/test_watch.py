@@ -10,9 +10,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from server.client import Update
-from server.process import Process
-from server.watch import Board, event_text
+from cli.client import Update
+from cli.process import Process
+from cli.watch import Board, event_text
 from tests.conftest import ws_url
 from tests.restarting import Restartable
 from tests.waiting import eventually
@@ -34,7 +34,7 @@ class Cli:
         env = {**os.environ, "COLUMNS": "200"}
         env.pop("TASKCAST_URL", None)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.cli", *args, cwd=ROOT, env=env,
+            sys.executable, "-m", "cli.main", *args, cwd=ROOT, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         return cls(proc)
 

@@ -13,11 +13,11 @@ from events.errors import BadRequest, NotFound
 from events.fold import compact
 from events.ids import ZERO, Position, TaskId, encode
 from events.tasks import MAX_LIST, TaskQuery
-from server.hub import Subscription, frame
+from server.fanout.hub import Subscription, frame
 from server.protocol.frames import Request
 
 if TYPE_CHECKING:
-    from server.session import Session
+    from server.protocol.session import Session
 
 CATCH_UP_PAGE = 500
 
@@ -43,11 +43,11 @@ async def follow(session: Session, channel: str, *, since: Position | None,
     """Subscribe this socket to `channel`; see the module docstring."""
     principal = session.require_principal()
     kind, name = parse_channel(channel)
-    node = session.node
+    services = session.services
     view = None
     scope: str | None = None
     if kind == "task":
-        view = await node.log.view(TaskId(name))
+        view = await services.log.view(TaskId(name))
         principal.require_task(view)  # a task it may not read is one that does not exist
         scope = view["scope"]
     elif kind == "scope":
@@ -55,7 +55,7 @@ async def follow(session: Session, channel: str, *, since: Position | None,
         scope = name
     if from_start:
         since = ZERO
-    elif since is not None and since <= (floor := await node.log.retention_floor()) and floor != ZERO:
+    elif since is not None and since <= (floor := await services.log.retention_floor()) and floor != ZERO:
         # Retention trimmed events after `since`: it cannot be resumed exactly. PROTOCOL.md:
         # recovered false, with the current views instead.
         since, snapshot = None, True
@@ -75,7 +75,7 @@ async def follow(session: Session, channel: str, *, since: Position | None,
             if view is not None:
                 views, answer["position"] = [compact(view)], view["position"]
             else:
-                page = await node.log.list_views(TaskQuery(
+                page = await services.log.list_views(TaskQuery(
                     scope=name or None, limit=MAX_LIST,
                     scope_patterns=None if "*" in principal.scopes else principal.scopes))
                 views = [compact(v) for v in page.tasks if principal.may(v["scope"])]
@@ -85,7 +85,7 @@ async def follow(session: Session, channel: str, *, since: Position | None,
             answer["tasks"] = views
             session.conn.send(answer)
         else:
-            answer["position"] = encode(node.hub.head)
+            answer["position"] = encode(services.hub.head)
             session.conn.send(answer)
     except BaseException:
         session.drop_subscription(sub)
@@ -96,14 +96,14 @@ async def follow(session: Session, channel: str, *, since: Position | None,
 
 async def _catch_up(session: Session, sub: Subscription, kind: str, name: str) -> None:
     """Deliver every event of the channel after the subscription's cursor, from the log."""
-    node = session.node
+    services = session.services
     while sub.active:
-        events = await node.log.read_after(
+        events = await services.log.read_after(
             sub.cursor, task=TaskId(name) if kind == "task" else None,
             scope=name if kind == "scope" else None, limit=CATCH_UP_PAGE)
         if not events:
             return
-        for update in await node.projector.updates(events):
+        for update in await services.projector.updates(events):
             # The principal as it is now: a `refresh` during the catch-up narrows it at once.
             if kind != "all" or session.conn.may_read(update.scope):
                 sub.deliver(update, frame(sub.channel, update))

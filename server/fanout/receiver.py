@@ -19,8 +19,8 @@ from events.log import EventLog
 from events.projector import Projector
 from events.pubsub import follow
 from events.wire import decode_batch
-from server.chain import plan
-from server.hub import Hub
+from server.fanout.chain import plan
+from server.fanout.hub import Hub
 
 log = logging.getLogger("taskcast.fanout")
 

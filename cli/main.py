@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("subject")
     p.add_argument("--scope", action="append", default=[], help="scope pattern (repeatable)")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
-    # create / watch: clients of a running server, over the websocket (server/watch.py)
+    # create / watch: clients of a running server, over the websocket (cli/watch.py)
     c = sub.add_parser("create", help="create a task on a running server",
                        description="create a task over the websocket; --watch follows it to the end")
     c.add_argument("kind")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         client.add_argument("--token", default=os.environ.get("TASKCAST_TOKEN"))
     args = parser.parse_args(argv)
     if args.command in ("create", "watch"):
-        from server import watch
+        from cli import watch
 
         if args.command == "create":
             return watch.create(args.url, args.token, kind=args.kind, input_=args.input,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "token":
-        from server.auth import mint
+        from server.protocol.auth import mint
 
         secret = os.environ.get("TASKCAST_SECRET")
         if not secret:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"taskcast {args.command}: set DATABASE_URL and REDIS_URL (or use `taskcast dev`)",
               file=sys.stderr)
         return 2
-    from server.process import Process, Roles
+    from cli.process import Process, Roles
 
     if args.command == "migrate":
         return _migrate(settings)
@@ -168,11 +168,11 @@ def _migrate(settings: Settings) -> int:
 
 def dev(settings: Settings, data_dir: Path, workers: int) -> int:
     """Everything in one process; embedded PostgreSQL and Valkey unless URLs are set."""
-    from server.process import Process, Roles
+    from cli.process import Process, Roles
 
     with ExitStack() as stack:
         if not settings.database_url or not settings.redis_url:
-            from server.embedded import EmbeddedPair
+            from cli.embedded import EmbeddedPair
 
             print(f"starting embedded PostgreSQL and Valkey under {data_dir}/ ...", flush=True)
             database_url, redis_url = stack.enter_context(EmbeddedPair(data_dir.resolve()))

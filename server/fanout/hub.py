@@ -16,7 +16,7 @@ import orjson
 
 from events.ids import ZERO, Position, TaskId
 from events.wire import Update
-from server import wsframe
+from server.transport import wsframe
 
 MAX_PENDING = 10_000  # updates held for a subscription that is still catching up
 

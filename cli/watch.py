@@ -25,7 +25,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from server.client import TERMINAL, Follower, Frame, Refused, RequestFailed, Update
+from cli.client import TERMINAL, Follower, Frame, Refused, RequestFailed, Update
 
 PANEL_TASKS = 8  # tasks shown in the live panel (the most recently updated)
 STATUS_STYLES = {"completed": "green", "failed": "red", "cancelled": "yellow", "timed_out": "red",

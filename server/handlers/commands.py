@@ -1,5 +1,5 @@
 """Handlers of `refresh`, the commands (answered by `ack` once durable) and the queries
-(answered by `result`). `hello` is answered by the session itself (server/session.py).
+(answered by `result`). `hello` is answered by the session itself (server/protocol/session.py).
 
 Every field arrives checked by the edge (server/protocol/frames.py). What is left here is
 what needs the node: the principal's grants, the kinds and their input validators, the log.
@@ -21,12 +21,12 @@ from events.ids import TaskId, encode, new_task_id
 from events.log import Ack, CreateTask
 from events.model import Status
 from events.tasks import TaskQuery
-from server.auth import Principal, not_found_message
-from server.hub import Subscription
+from server.fanout.hub import Subscription
+from server.protocol.auth import Principal, not_found_message
 from server.protocol.frames import Request
 
 if TYPE_CHECKING:
-    from server.session import Handler, Session
+    from server.protocol.session import Handler, Session
 
 
 def ack_frame(request: Request, ack: Ack) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def result(request: Request, data: Any) -> dict[str, Any]:
 
 async def _visible_view(session: Session, principal: Principal, task: str) -> View:
     """The view of a task the principal may read. Raises NotFound (also when it may not)."""
-    view = await session.node.log.view(TaskId(task))
+    view = await session.services.log.view(TaskId(task))
     principal.require_task(view)
     return view
 
@@ -53,7 +53,7 @@ async def refresh(session: Session, request: Request) -> dict[str, Any]:
     dropped (`task:` and `scope:` channels by their scope; `all` filters by the principal
     on every update), and named in the result's `dropped`."""
     current = session.require_principal()
-    principal = session.node.auth.verify(request.fields["token"])
+    principal = session.services.auth.verify(request.fields["token"])
     if principal.name != current.name:
         raise Forbidden("a refreshed token must name the same principal")
     if not principal.scopes:
@@ -74,17 +74,17 @@ async def create(session: Session, request: Request) -> dict[str, Any] | None:
     started = time.perf_counter()
     f = request.fields
     principal = session.require_principal()
-    node = session.node
+    services = session.services
     scope, kind = f["scope"], f["kind"]
     principal.require(scope)
-    kind_spec = node.kinds.get(kind)
+    kind_spec = services.kinds.get(kind)
     if kind_spec is None:
-        raise BadRequest(f"unknown kind {kind!r} in `kind`; known: {', '.join(sorted(node.kinds))}")
+        raise BadRequest(f"unknown kind {kind!r} in `kind`; known: {', '.join(sorted(services.kinds))}")
     if kind_spec.validate is not None:
         kind_spec.validate(f["input"])  # raises BadRequest naming the input field
     depends_on = list(dict.fromkeys(f.get("depends_on") or []))
     if depends_on:
-        scopes = await node.log.scopes(depends_on)
+        scopes = await services.log.scopes(depends_on)
         for dep in depends_on:
             if dep not in scopes or not principal.may(scopes[TaskId(dep)]):
                 raise NotFound(not_found_message(dep))
@@ -100,19 +100,19 @@ async def create(session: Session, request: Request) -> dict[str, Any] | None:
         sub = Subscription(session.conn, f"task:{task}", scope=scope)
         session.add_subscription(sub)
     try:
-        ack = await node.log.create(spec, principal=principal.name, key=f.get("key"), task=task)
+        ack = await services.log.create(spec, principal=principal.name, key=f.get("key"), task=task)
     except BaseException:
         if sub is not None:
             session.drop_subscription(sub)
         raise
     session.conn.send(ack_frame(request, ack))
-    node.metrics.observe_ack(time.perf_counter() - started)
+    services.metrics.observe_ack(time.perf_counter() - started)
     if spec.depends_on and not ack.duplicate:
-        await deps.settle(node.log, ack.task)  # its dependencies may have ended already
+        await deps.settle(services.log, ack.task)  # its dependencies may have ended already
     if sub is not None:
         if ack.duplicate:
             session.drop_subscription(sub)
-            from server.subscribe import follow
+            from server.handlers.subscribe import follow
 
             await follow(session, f"task:{ack.task}", since=None, from_start=True)
         else:
@@ -124,12 +124,12 @@ async def _command(session: Session, request: Request,
                    decision: Callable[[View], decide.Decision]) -> dict[str, Any]:
     started = time.perf_counter()
     principal = session.require_principal()
-    ack = await session.node.log.command(TaskId(request.fields["task"]), decision,
+    ack = await session.services.log.command(TaskId(request.fields["task"]), decision,
                                          principal=principal.name, key=request.fields.get("key"),
                                          check=principal.require_task)
-    session.node.metrics.observe_ack(time.perf_counter() - started)
+    session.services.metrics.observe_ack(time.perf_counter() - started)
     if Status(ack.status).terminal and not ack.duplicate:
-        session.node.spawn(deps.release(session.node.log, ack.task))
+        session.services.spawn(deps.release(session.services.log, ack.task))
     return ack_frame(request, ack)
 
 
@@ -165,7 +165,7 @@ async def list_(session: Session, request: Request) -> dict[str, Any]:
     f = request.fields
     if f.get("scope") is not None:
         principal.require(f["scope"])
-    page = await session.node.log.list_views(TaskQuery(
+    page = await session.services.log.list_views(TaskQuery(
         scope=f.get("scope"), statuses=tuple(f["status"]) if f.get("status") else None,
         kind=f.get("kind"), label=f.get("label"),
         scope_patterns=None if "*" in principal.scopes else principal.scopes,
@@ -179,7 +179,7 @@ async def history(session: Session, request: Request) -> dict[str, Any]:
     f = request.fields
     limit = f.get("limit") or MAX_HISTORY
     await _visible_view(session, principal, f["task"])
-    events = await session.node.log.history(TaskId(f["task"]), f.get("after") or 0, limit + 1)
+    events = await session.services.log.history(TaskId(f["task"]), f.get("after") or 0, limit + 1)
     wire = [e.wire() for e in events[:limit]]
     if not _encodable(wire):  # an event stored before the edge checked it: degraded alone
         wire = [w if _encodable(w) else {**w, "data": {}, "degraded": True} for w in wire]
@@ -198,7 +198,7 @@ MAX_HISTORY = 1000
 
 
 def handlers() -> dict[str, Handler]:
-    from server import subscribe
+    from server.handlers import subscribe
 
     return {"refresh": refresh, "create": create, "cancel": cancel,
             "answer": answer, "retry": retry, "get": get, "list": list_, "history": history,

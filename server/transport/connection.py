@@ -25,15 +25,15 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from events.errors import BadRequest
+from events.errors import BadRequest, Internal, TaskcastError
 from events.ids import Position, encode
-from server import wsframe
-from server.protocol.frames import FrameError, decode
+from server.protocol.frames import FrameError, Request, decode
+from server.protocol.session import Action, Close, Send, Session, error_frame
+from server.transport import wsframe
 
 if TYPE_CHECKING:
-    from server.hub import Subscription
-    from server.node import Node
-    from server.session import Session
+    from server.fanout.hub import Subscription
+    from server.services import Services
 
 log = logging.getLogger("taskcast.connection")
 
@@ -59,17 +59,17 @@ class Connection(asyncio.Protocol):
         "last_in",
         "last_out",
         "last_ping",
-        "node",
         "opened_at",
         "outbox",
         "reading_paused",
+        "services",
         "session",
         "transport",
         "ws",
     )
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, services: Services) -> None:
+        self.services = services
         self.transport: asyncio.Transport | None = None
         self.ws: ServerProtocol | None = None
         self.session: Session | None = None
@@ -88,8 +88,8 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses; they have its methods.
         self.transport = cast(asyncio.Transport, transport)
-        self.node.transports.add(self.transport)
-        settings = self.node.settings
+        self.services.transports.add(self.transport)
+        settings = self.services.settings
         self.transport.set_write_buffer_limits(high=settings.send_buffer_bytes // 2,
                                           low=settings.send_buffer_bytes // 8)
 
@@ -109,10 +109,10 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.transport is not None:
-            self.node.transports.discard(self.transport)
+            self.services.transports.discard(self.transport)
         if self.session is not None:
             self.session.closed()
-        self.node.forget(self)
+        self.services.forget(self)
         if self._drained is not None:
             self._drained.set()
 
@@ -147,12 +147,14 @@ class Connection(asyncio.Protocol):
             raw_head = bytes(self.head[:end])
             self.head.clear()
             self.transport.pause_reading()
-            self.node.spawn(self._serve_http(method.decode("latin-1"), target.decode("latin-1"), raw_head))
+            self.services.spawn(self._serve_http(method.decode("latin-1"), target.decode("latin-1"),
+                                                 raw_head))
 
     async def _serve_http(self, method: str, target: str, raw_head: bytes) -> None:
         assert self.transport is not None
         try:
-            response = await self.node.http.respond(method, target, raw_head)
+            assert self.services.http is not None
+            response = await self.services.http.respond(method, target, raw_head)
         except Exception:
             log.exception("HTTP request failed")
             response = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
@@ -167,7 +169,7 @@ class Connection(asyncio.Protocol):
         self.transport.close()
 
     def _open_websocket(self) -> None:
-        settings = self.node.settings
+        settings = self.services.settings
         self.ws = ws = ServerProtocol(
             subprotocols=[SUBPROTOCOL], select_subprotocol=_select_subprotocol,
             max_size=settings.max_frame_bytes,
@@ -180,17 +182,16 @@ class Connection(asyncio.Protocol):
             return
         request = events[0]
         origin = request.headers.get("Origin")
-        if origin is not None and not self.node.origin_allowed(origin):
+        if origin is not None and not self.services.origin_allowed(origin):
             response = ws.reject(403, "origin not allowed\n")
         else:
             response = ws.accept(request)
         ws.send_response(response)
         self._flush()
         if ws.state is State.OPEN:
-            from server.session import Session
 
-            self.session = Session(self.node, self)
-            self.node.connections.add(self)
+            self.session = Session(self.services, self, now=time.monotonic())
+            self.services.connections.add(self)
             self.opened_at = time.monotonic()
 
     # websocket frames in
@@ -212,9 +213,8 @@ class Connection(asyncio.Protocol):
                     data, self.fragments = b"".join(self.fragments), None
                     self._message(data)
             elif opcode is Opcode.BINARY:
-                assert self.session is not None
-                self.session.fail(None, BadRequest("binary messages are not part of the protocol; "
-                                                   "send JSON text"))
+                self.send(error_frame(None, BadRequest("binary messages are not part of the protocol; "
+                                                       "send JSON text")))
             elif opcode is Opcode.CONT and self.fragments is None:
                 pass  # the continuation of a binary message
         self._flush()
@@ -222,16 +222,45 @@ class Connection(asyncio.Protocol):
     def _message(self, data: bytes) -> None:
         assert self.session is not None
         try:
-            request = decode(data, self.node.frame_limits)
+            request = decode(data, self.services.frame_limits)
         except FrameError as exc:
-            self.session.refuse(exc)
+            self._act(self.session.refuse(exc))
             return
         try:
-            self.session.handle(request)
+            self._act(self.session.receive(request, time.monotonic()))
         except Exception:  # a bug met by one frame ends this socket, never the node
             log.exception("handling a %s frame failed; closing the socket", request.type)
-            self.node.metrics.internal_errors += 1
+            self.services.metrics.internal_errors += 1
             self.close(4500, "internal error")
+
+    def _act(self, actions: list[Action]) -> None:
+        """Carry out what the session decided."""
+        for action in actions:
+            if isinstance(action, Send):
+                self.send(action.frame)
+            elif isinstance(action, Close):
+                self.close(action.code, action.reason)
+            else:
+                self.request_started()
+                self.services.spawn(self._run(action.request))
+
+    async def _run(self, request: Request) -> None:
+        """Run a request's handler; send its answer, or its error, with the request's id."""
+        assert self.session is not None
+        try:
+            answer = await self.services.handlers[request.type](self.session, request)
+            if answer is not None:
+                self.send(answer)
+        except TaskcastError as exc:
+            self.send(error_frame(request.id, exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s failed", request.type)
+            self.services.metrics.internal_errors += 1
+            self.send(error_frame(request.id, Internal("internal error")))
+        finally:
+            self.request_done()
 
     # frames out
 
@@ -254,7 +283,7 @@ class Connection(asyncio.Protocol):
             if self.outbox:
                 self.flush()  # updates queued before this frame go out before it
             self.transport.write(wsframe.text(orjson.dumps(frame)))
-            self.node.metrics.frames_out += 1
+            self.services.metrics.frames_out += 1
             self.last_out = time.monotonic()
 
     def write_update(self, sub: Subscription, before: Position, frame: bytes) -> None:
@@ -265,7 +294,7 @@ class Connection(asyncio.Protocol):
             return
         if self.outbox is None:
             self.outbox = []
-            self.node.hub.mark_dirty(self)
+            self.services.hub.mark_dirty(self)
         self.outbox.append((sub, before, frame))
 
     def flush(self) -> None:
@@ -276,7 +305,7 @@ class Connection(asyncio.Protocol):
             return
         transport = self.transport
         assert transport is not None
-        limit = self.node.settings.send_buffer_bytes
+        limit = self.services.settings.send_buffer_bytes
         group: list[bytes] = []
         group_bytes = 0
         stopped: dict[Subscription, Position] = {}
@@ -301,7 +330,7 @@ class Connection(asyncio.Protocol):
     def _write_group(self, frames: list[bytes]) -> None:
         assert self.transport is not None
         self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
-        self.node.metrics.frames_out += len(frames)
+        self.services.metrics.frames_out += len(frames)
         self.last_out = time.monotonic()
 
     def resync(self, sub: Subscription, position: Position | None = None) -> None:
@@ -309,9 +338,9 @@ class Connection(asyncio.Protocol):
         (the last position it was sent; by default the subscription's cursor)."""
         assert self.session is not None
         self.session.drop_subscription(sub)
-        self.node.metrics.resyncs += 1
+        self.services.metrics.resyncs += 1
         assert self.transport is not None
-        if self.transport.get_write_buffer_size() >= self.node.settings.send_buffer_hard_bytes:
+        if self.transport.get_write_buffer_size() >= self.services.settings.send_buffer_hard_bytes:
             self.close(4429, "reader too slow")
             return
         resume = sub.cursor if position is None else position
@@ -325,7 +354,7 @@ class Connection(asyncio.Protocol):
     def writable(self) -> bool:
         """Whether the send buffer has room (below the resync threshold)."""
         return (self.transport is not None
-                and self.transport.get_write_buffer_size() < self.node.settings.send_buffer_bytes)
+                and self.transport.get_write_buffer_size() < self.services.settings.send_buffer_bytes)
 
     async def drained(self) -> None:
         """Wait until the send buffer is back under its low-water mark."""
@@ -348,14 +377,14 @@ class Connection(asyncio.Protocol):
 
     def request_started(self) -> None:
         self.inflight += 1
-        if self.inflight >= self.node.settings.max_inflight and not self.reading_paused:
+        if self.inflight >= self.services.settings.max_inflight and not self.reading_paused:
             assert self.transport is not None
             self.transport.pause_reading()
             self.reading_paused = True
 
     def request_done(self) -> None:
         self.inflight -= 1
-        if self.reading_paused and self.inflight < self.node.settings.max_inflight // 2:
+        if self.reading_paused and self.inflight < self.services.settings.max_inflight // 2:
             assert self.transport is not None
             self.reading_paused = False
             self.transport.resume_reading()

@@ -1,0 +1,1 @@
+"""Request handlers: commands (acked once durable), queries and subscriptions."""

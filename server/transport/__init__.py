@@ -1,0 +1,1 @@
+"""Bytes in and out: the TCP connection, websocket framing, plain HTTP."""

@@ -43,6 +43,7 @@ class WorkerConfig:
     scope_limit: int | None = None  # running tasks per scope, across all workers
     retention_s: float | None = 7 * 24 * 3600.0  # history of ended tasks kept this long
     prune_every_s: float = 60.0
+    workspace_root: str = ""  # scopes' directories for the built-in kinds (events.kinds.workspace)
 
 
 class Worker:
@@ -134,7 +135,7 @@ class Worker:
 
         status = await run_claim(self.log, self.queue, claim, kind, worker=self.name,
                                  lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
-                                 on_context=track)
+                                 workspace_root=self.config.workspace_root, on_context=track)
         if status is not None and status.terminal:
             await deps.release(self.log, claim.task)
 
@@ -176,7 +177,8 @@ class Worker:
         view = await self.log.view(task)
         kind = self.kinds.get(view["kind"])
         if kind is not None:
-            await cleanup_abandoned(self.log, view, kind, worker=self.name)
+            await cleanup_abandoned(self.log, view, kind, worker=self.name,
+                                    workspace_root=self.config.workspace_root)
         try:
             await self.log.command(task, decide.time_out)
         except (Conflict, NotFound):

@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = from_env(node_id=f"{socket.gethostname()}:{os.getpid()}")
     if args.command == "dev":
-        return dev(settings.with_(host=args.host, port=args.port), Path(args.data_dir), args.workers)
+        workspace_root = settings.workspace_root or str((Path(args.data_dir) / "workspaces").resolve())
+        return dev(settings.with_(host=args.host, port=args.port, workspace_root=workspace_root),
+                   Path(args.data_dir), args.workers)
     if not settings.database_url or not settings.redis_url:
         print(f"taskcast {args.command}: set DATABASE_URL and REDIS_URL (or use `taskcast dev`)",
               file=sys.stderr)
@@ -111,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.with_(host=args.host, port=args.port)
         roles = Roles(serve=True)
     elif args.command == "worker":
+        if not settings.workspace_root:
+            print("taskcast worker: set TASKCAST_WORKSPACE_ROOT (where tasks' files live, one "
+                  "directory per scope)", file=sys.stderr)
+            return 2
         settings = settings.with_(worker_concurrency=args.concurrency)
         roles = Roles(workers=1)
     else:

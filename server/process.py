@@ -27,10 +27,11 @@ from server.settings import Settings
 log = logging.getLogger("taskcast")
 
 
-def load_kinds(paths: Sequence[str], shell_allow: Sequence[str] = ()) -> dict[str, KindSpec]:
+def load_kinds(paths: Sequence[str], shell_allow: Sequence[str] = (),
+               clone_roots: Sequence[str] = ()) -> dict[str, KindSpec]:
     """The built-in kinds plus plugins named `package.module:attr` (a KindSpec, or an async
     function registered under its attribute name). Raises ValueError, ImportError."""
-    kinds = builtin(shell_allow)
+    kinds = builtin(shell_allow, clone_roots=clone_roots)
     for path in paths:
         module_name, sep, attr = path.partition(":")
         if not sep:
@@ -73,7 +74,7 @@ class Process:
 
     async def __aenter__(self) -> Process:
         s = self.settings
-        kinds = load_kinds(s.kinds, s.shell_allow)
+        kinds = load_kinds(s.kinds, s.shell_allow, s.clone_roots)
         self.pool = await db.create_pool(s.database_url, min_size=1, max_size=20)
         self.redis = Redis.from_url(s.redis_url)
         self.waker = Waker(self.redis, s.channel)
@@ -86,7 +87,7 @@ class Process:
             worker = Worker(s.database_url, self.log, kinds,
                             WorkerConfig(concurrency=s.worker_concurrency, lease_s=s.lease_s,
                                          cancel_grace_s=s.cancel_grace_s, scope_limit=s.scope_limit,
-                                         retention_s=s.retention_s))
+                                         retention_s=s.retention_s, workspace_root=s.workspace_root))
             self.workers.append(worker)
             self._tasks.append(asyncio.create_task(worker.run(), name=f"worker-{i}"))
         if self.roles.serve:

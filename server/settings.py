@@ -20,6 +20,11 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()
     kinds: tuple[str, ...] = ()  # extra kinds, "package.module:attr"
     shell_allow: tuple[str, ...] = ()  # commands the `shell` kind may run; none: disabled
+    # Where the built-in kinds keep each scope's files (TASKCAST_WORKSPACE_ROOT); "" : none,
+    # and then those kinds fail (`taskcast worker` refuses to start; `taskcast dev` defaults
+    # it to <data dir>/workspaces).
+    workspace_root: str = ""
+    clone_roots: tuple[str, ...] = ()  # local paths git.clone may read (TASKCAST_CLONE_ROOTS)
     # limits (PROTOCOL.md: welcome.limits)
     max_frame_bytes: int = 256 * 1024
     max_subscriptions: int = 100
@@ -52,6 +57,8 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         "allowed_origins": tuple(o for o in env.get("TASKCAST_ALLOWED_ORIGINS", "").split(",") if o),
         "kinds": tuple(k for k in env.get("TASKCAST_KINDS", "").split(",") if k),
         "shell_allow": tuple(c.strip() for c in env.get("TASKCAST_SHELL_ALLOW", "").split(",") if c.strip()),
+        "workspace_root": env.get("TASKCAST_WORKSPACE_ROOT", ""),
+        "clone_roots": tuple(r for r in env.get("TASKCAST_CLONE_ROOTS", "").split(os.pathsep) if r),
     }
     if env.get("TASKCAST_LEASE_S"):
         values["lease_s"] = float(env["TASKCAST_LEASE_S"])

@@ -1,5 +1,6 @@
-"""What the built-in kinds' tests share: driving a task over the websocket, real git
-repositories made in a temp dir, a git server that never answers, and process lookups."""
+"""What the built-in kinds' tests share: driving a task over the websocket, scopes'
+directories, real git repositories made in them, a git server that never answers, and
+process lookups (by command line, and by the task-attempt markers of events.attempt)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from typing import Any
 
 import psutil
 
+from events import attempt
 from events.kinds.proc import gone
+from events.kinds.workspace import scope_dirname
+from server.process import Process
+from server.settings import Settings
 from tests.wsclient import Client
 
 TERMINAL = ("completed", "failed", "cancelled", "timed_out")
@@ -86,6 +91,17 @@ def output_lines(updates: list[dict[str, Any]]) -> list[str]:
 
 def started_steps(updates: list[dict[str, Any]]) -> list[str]:
     return [u["event"]["data"]["step"] for u in updates if u["event"]["type"] == "step.started"]
+
+
+# scopes
+
+
+def scope_dir(where: Process | Settings, scope: str = "test") -> Path:
+    """The directory of `scope` under the workspace root, created (tests put files there)."""
+    settings = where.settings if isinstance(where, Process) else where
+    path = Path(settings.workspace_root).resolve() / scope_dirname(scope)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # git
@@ -180,3 +196,13 @@ def processes_with(text: str) -> list[int]:
 
 def all_gone(pids: list[int]) -> bool:
     return all(gone(pid) for pid in pids)
+
+
+def of_task(task: str, fence: int | None = None) -> list[psutil.Process]:
+    """The live processes (anywhere on the machine) marked as started for `task` (by the
+    claim `fence`, if given): a scan of every process's environment."""
+    return attempt.scan(attempt.of_attempt(task, fence))
+
+
+def fences(processes: list[psutil.Process]) -> set[int]:
+    return {int(attempt.environ(p).get(attempt.FENCE, "0")) for p in processes}

@@ -18,6 +18,7 @@ from tests.conftest import ws_url
 from tests.events.kinds_support import (
     create,
     run,
+    scope_dir,
     started_steps,
     terminal_events,
     until_event,
@@ -46,45 +47,45 @@ _REFUSING_AGENT = _STALLED_AGENT.replace("await asyncio.sleep(3600)", 'return "E
 REFUSING_PROVISION = make_provision(agent=(sys.executable, "-c", _REFUSING_AGENT))
 
 
-async def test_provision_names_a_workspace_starts_an_agent_and_opens_a_session(
-        taskcast: Process, tmp_path: Path) -> None:
+async def test_provision_names_a_workspace_starts_an_agent_and_opens_a_session(taskcast: Process) -> None:
     """provision completes once the session is open; the agent keeps running and owns it."""
     client = await Client.open(ws_url(taskcast))
-    view, updates = await run(client, "provision", {"root": str(tmp_path), "approve": True})
+    view, updates = await run(client, "provision", {"root": "ws", "approve": True})
     assert view["status"] == "completed", view["error"]
     assert started_steps(updates) == ["ensure_name", "create_sandbox", "ensure_agent", "create_session"]
     result = view["result"]
-    assert re.fullmatch(r"[a-z]+-[a-z]+", result["name"]) and result["dir"] == str(tmp_path / result["name"])
+    assert re.fullmatch(r"[a-z]+-[a-z]+", result["name"]) and result["dir"] == f"ws/{result['name']}"
     agent = result["agent"]
+    directory = scope_dir(taskcast) / result["dir"]
     try:
-        assert Path(result["dir"]).is_dir() and not gone(agent["pid"])
+        assert directory.is_dir() and not gone(agent["pid"])
         assert await request(agent["address"], "PING") == f"PONG {agent['pid']}"
         assert await request(agent["address"], f"OPEN {view['id']}") == f"SESSION {result['session']}"
         assert view["progress"] == 1.0 and await terminal_events(client, view["id"]) == ["task.completed"]
     finally:
-        await stop_agent(Path(result["dir"]))
-    assert gone(agent["pid"]) and not (Path(result["dir"]) / STATE_FILE).exists()
+        await stop_agent(directory)
+    assert gone(agent["pid"]) and not (directory / STATE_FILE).exists()
 
 
-async def test_provision_asks_approval_and_a_deny_fails_leaving_nothing(taskcast: Process,
-                                                                        tmp_path: Path) -> None:
+async def test_provision_asks_approval_and_a_deny_fails_leaving_nothing(taskcast: Process) -> None:
     """One command_approval question comes before anything is created; deny fails the task."""
     client = await Client.open(ws_url(taskcast))
-    task = await create(client, "provision", {"root": str(tmp_path), "name": "deny-me"})
+    ws = scope_dir(taskcast)
+    task = await create(client, "provision", {"root": "ws", "name": "deny-me"})
     asked = await until_event(client, task, "task.question")
     question = asked["event"]["data"]
     assert question["type"] == "command_approval" and question["options"] == ["approve", "deny"]
-    assert str(tmp_path / "deny-me") in question["prompt"] and asked["task"]["status"] == "waiting_answer"
+    assert "ws/deny-me" in question["prompt"] and asked["task"]["status"] == "waiting_answer"
     await client.request({"type": "answer", "task": task, "question": question["question"], "answer": "deny"})
     updates = await updates_until_end(client, task)
     assert updates[-1]["task"]["status"] == "failed" and "denied" in updates[-1]["task"]["error"]
-    assert list(tmp_path.iterdir()) == []
+    assert list(ws.iterdir()) == []
 
 
-async def test_provision_runs_on_once_approved(taskcast: Process, tmp_path: Path) -> None:
+async def test_provision_runs_on_once_approved(taskcast: Process) -> None:
     """An approve answer resumes the task: it provisions the named workspace and completes."""
     client = await Client.open(ws_url(taskcast))
-    task = await create(client, "provision", {"root": str(tmp_path), "name": "ok-then"})
+    task = await create(client, "provision", {"name": "ok-then"})
     asked = await until_event(client, task, "task.question")
     await client.request({"type": "answer", "task": task, "question": asked["event"]["data"]["question"],
                           "answer": "approve"})
@@ -93,14 +94,14 @@ async def test_provision_runs_on_once_approved(taskcast: Process, tmp_path: Path
     try:
         assert view["status"] == "completed" and view["result"]["name"] == "ok-then"
     finally:
-        await stop_agent(tmp_path / "ok-then")
+        await stop_agent(scope_dir(taskcast) / "ok-then")
 
 
-async def test_cancel_during_create_session_stops_the_agent(launch: Launch, tmp_path: Path) -> None:
+async def test_cancel_during_create_session_stops_the_agent(launch: Launch) -> None:
     """Cancel while the session opens: cleanup stops the agent; cancelled, one terminal event."""
     process = await launch(cancel_grace_s=0.5, kinds=(f"{__name__}:STALLED_PROVISION",))
     client = await Client.open(ws_url(process))
-    task = await create(client, "provision", {"root": str(tmp_path), "name": "to-cancel", "approve": True})
+    task = await create(client, "provision", {"name": "to-cancel", "approve": True})
     started = await until_event(client, task, "step.started", step="create_session")
     agent = next(s["result"] for s in started["task"]["steps"] if s["name"] == "ensure_agent")
     assert not gone(agent["pid"])
@@ -108,15 +109,15 @@ async def test_cancel_during_create_session_stops_the_agent(launch: Launch, tmp_
     updates = await updates_until_end(client, task)
     assert updates[-1]["task"]["status"] == "cancelled"
     await eventually(lambda: gone(agent["pid"]), within=5)
-    assert not (tmp_path / "to-cancel" / STATE_FILE).exists()
+    assert not (scope_dir(process) / "to-cancel" / STATE_FILE).exists()
     assert await terminal_events(client, task) == ["task.cancelled"]
 
 
-async def test_a_provision_that_ends_failed_stops_its_agent(launch: Launch, tmp_path: Path) -> None:
+async def test_a_provision_that_ends_failed_stops_its_agent(launch: Launch) -> None:
     """An agent does not outlive a failed run: after the last attempt, it is stopped."""
     process = await launch(kinds=(f"{__name__}:REFUSING_PROVISION",))
     client = await Client.open(ws_url(process))
-    task = await create(client, "provision", {"root": str(tmp_path), "name": "refused", "approve": True})
+    task = await create(client, "provision", {"name": "refused", "approve": True})
     started = await until_event(client, task, "step.started", step="create_session")
     agent = next(s["result"] for s in started["task"]["steps"] if s["name"] == "ensure_agent")
     updates = await updates_until_end(client, task)

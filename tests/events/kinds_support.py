@@ -30,9 +30,10 @@ GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@ex
 # tasks
 
 
-async def create(client: Client, kind: str, input_: dict[str, Any], **fields: Any) -> str:
+async def create(client: Client, kind: str, input_: dict[str, Any], scope: str = "test",
+                 **fields: Any) -> str:
     """Create a task with this socket subscribed to it; its id."""
-    ack = await client.request({"type": "create", "kind": kind, "scope": "test", "input": input_,
+    ack = await client.request({"type": "create", "kind": kind, "scope": scope, "input": input_,
                                 "subscribe": True, **fields})
     assert ack["type"] == "ack", ack
     task: str = ack["task"]
@@ -53,12 +54,28 @@ async def updates_until_end(client: Client, task: str, within: float = 30) -> li
     return seen
 
 
-async def run(client: Client, kind: str, input_: dict[str, Any],
-              within: float = 30) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+async def run(client: Client, kind: str, input_: dict[str, Any], within: float = 30,
+              scope: str = "test") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Create a task and watch it to its end: (its last view, its updates)."""
-    task = await create(client, kind, input_)
+    task = await create(client, kind, input_, scope)
     updates = await updates_until_end(client, task, within)
     return updates[-1]["task"], updates
+
+
+async def refused(client: Client, kind: str, input_: dict[str, Any], scope: str = "test") -> str:
+    """Why a task that must not run was refused: the ack's bad_request (the node runs the
+    kind's validate), or else the failure of the task (the worker runs it too)."""
+    ack = await client.request({"type": "create", "kind": kind, "scope": scope, "input": input_,
+                                "subscribe": True})
+    if ack["type"] == "error":
+        assert ack["code"] == "bad_request", ack
+        message: str = ack["message"]
+        return message
+    assert ack["type"] == "ack", ack
+    view = (await updates_until_end(client, ack["task"]))[-1]["task"]
+    assert view["status"] == "failed", view
+    error: str = view["error"]
+    return error
 
 
 async def until_event(client: Client, task: str, type_: str, step: str | None = None,

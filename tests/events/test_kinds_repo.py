@@ -28,7 +28,7 @@ from tests.events.kinds_support import (
     terminal_events,
     updates_until_end,
 )
-from tests.waiting import eventually
+from tests.waiting import eventually, eventually_async
 from tests.wsclient import Client
 
 Launch = Callable[..., Awaitable[Process]]
@@ -276,3 +276,54 @@ async def test_actions_on_one_repository_run_one_at_a_time(launch: Launch, tmp_p
     first_end = next(e for e in await history(client, first) if e["type"] == "task.cancelled")
     second_start = next(e for e in await history(client, second) if e["type"] == "step.started")
     assert second_start["at"] >= first_end["at"]
+
+
+async def test_no_alias_of_a_repository_runs_beside_an_action_on_it(launch: Launch, tmp_path: Path,
+                                                                   settings: Settings) -> None:
+    """While a rebase holds `repo`, actions naming it by a trailing slash, `./`, `..`, a
+    subdirectory, a symlink or a linked worktree are claimed but start no step until it
+    ends, across two worker loops; the same relative path in another scope runs at once."""
+    ws = scope_dir(settings)
+    repo = new_repo(ws / "repo")
+    _stack(repo, "feature")
+    commit(repo, "main.txt", "main\n", "main moves")
+    commit(repo, "src/code.txt", "code\n", "a subdirectory")
+    (ws / "link").symlink_to(repo)
+    (ws / "sub").mkdir()
+    git(repo, "worktree", "add", "-q", "-b", "elsewhere", str(ws / "tree"))
+    theirs = new_repo(scope_dir(settings, "other") / "repo")
+    _stack(theirs, "feature")
+    hook_pid = tmp_path / "hook.pid"
+    stalling_hook(repo, "post-commit", hook_pid)
+    process = await launch(cancel_grace_s=0.5, workers=2, worker_concurrency=8)
+    client = await Client.open(ws_url(process))
+    first = await create(client, "repo.rebase_branch", _rebase_feature(repo))
+    await eventually(lambda: hook_pid.exists() and hook_pid.read_text().strip())
+    aliases = ["repo/", "./repo", "sub/../repo", "repo/src", "link", "link/src/", "tree"]
+    waiting = [await create(client, "repo.register_branch", {"repo": alias, "branch": "feature",
+                                                             "parent": "main"}) for alias in aliases]
+    other, _ = await run(client, "repo.register_branch",
+                         {"repo": "repo", "branch": "feature", "parent": "main"}, scope="other")
+    assert other["status"] == "completed", other["error"]
+
+    async def all_claimed() -> bool:
+        views = [(await client.request({"type": "get", "task": t}))["data"] for t in waiting]
+        assert all(v["steps"] == [] for v in views), views  # claimed or not, no step ran
+        return all(v["status"] == "running" for v in views)
+
+    await eventually_async(all_claimed, within=15)
+    for task in waiting:
+        assert (await client.request({"type": "get", "task": task}))["data"]["steps"] == []
+    await client.request({"type": "cancel", "task": first})
+
+    async def all_ended() -> bool:
+        views = [(await client.request({"type": "get", "task": t}))["data"] for t in [first, *waiting]]
+        return all(v["status"] in ("completed", "failed", "cancelled") for v in views)
+
+    await eventually_async(all_ended, within=30)
+    first_end = next(e for e in await history(client, first) if e["type"] == "task.cancelled")
+    for task, alias in zip(waiting, aliases, strict=True):
+        events = await history(client, task)
+        assert [e["type"] for e in events][-1] == "task.completed", (alias, events[-1])
+        start = next(e for e in events if e["type"] == "step.started")
+        assert start["at"] >= first_end["at"], alias

@@ -10,10 +10,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
+from events.kinds import sandbox
 from events.kinds.agent import STATE_FILE
 from events.kinds.proc import gone, wait_gone
 from events.kinds.provision import ensure_agent, make_provision, request, stop_agent
 from server.process import Process
+from server.settings import Settings
 from tests.conftest import ws_url
 from tests.events.kinds_support import (
     create,
@@ -42,6 +46,47 @@ agent.Agent.answer = stalled
 sys.exit(agent.main())
 """
 STALLED_PROVISION = make_provision(agent=(sys.executable, "-c", _STALLED_AGENT))
+# The real agent, slow to report ready once it has started (its state file written): a
+# worker killed in that moment leaves a live agent that nobody was told of.
+_SLOW_AGENT = """
+import os, sys, time
+from events.kinds import agent
+write = os.write
+def slow(fd, data):
+    if data.startswith(b'{"pid"'):
+        time.sleep(3)
+    return write(fd, data)
+agent.os.write = slow
+sys.exit(agent.main())
+"""
+SLOW_PROVISION = make_provision(agent=(sys.executable, "-c", _SLOW_AGENT))
+# The real agent, which also reads files and opens connections for the test (READ, CONNECT):
+# what it can reach is what the sandbox lets it see.
+_PEEKING_AGENT = """
+import socket, sys
+from events.kinds import agent
+answer = agent.Agent.answer
+async def peek(self, line):
+    command, _, arg = line.strip().partition(" ")
+    if command == "READ":
+        try:
+            with open(arg) as f:
+                return "DATA " + f.read().strip()
+        except OSError as exc:
+            return "ERR " + type(exc).__name__
+    if command == "CONNECT":
+        host, _, port = arg.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return "OK"
+        except OSError as exc:
+            return "ERR " + type(exc).__name__
+    return await answer(self, line)
+agent.Agent.answer = peek
+sys.exit(agent.main())
+"""
+PEEKING_PROVISION = make_provision(agent=(sys.executable, "-c", _PEEKING_AGENT))
+UNSANDBOXED_PROVISION = make_provision(agent=(sys.executable, "-c", _PEEKING_AGENT), sandboxed=False)
 # The real agent, except that it refuses every session.
 _REFUSING_AGENT = _STALLED_AGENT.replace("await asyncio.sleep(3600)", 'return "ERR no sessions here"')
 REFUSING_PROVISION = make_provision(agent=(sys.executable, "-c", _REFUSING_AGENT))
@@ -150,3 +195,60 @@ async def test_an_agent_stops_when_its_workspace_is_removed(tmp_path: Path) -> N
         file.unlink()
     workspace.rmdir()
     assert await wait_gone(agent["pid"], 5)
+
+
+async def _secrets(settings: Settings, tmp_path: Path) -> list[Path]:
+    """Files the agent of workspace `test/peeker` must not see: another workspace of its
+    scope, another scope's, and one in the worker's /tmp."""
+    files = [scope_dir(settings) / "other-ws" / "secret.txt",
+             scope_dir(settings, "bob") / "ws" / "secret.txt", tmp_path / "worker-secret.txt"]
+    for file in files:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text("secret")
+    return files
+
+
+async def test_the_sandboxed_agent_sees_only_its_own_workspace(launch: Launch, settings: Settings,
+                                                              tmp_path: Path) -> None:
+    """Under bubblewrap the agent reads its own workspace, but no file of another workspace
+    (of its scope or another), nothing of the worker's /tmp, and has no network; the
+    task's output and result say it is sandboxed."""
+    if not await sandbox.available():
+        pytest.skip("bwrap is not available or cannot make namespaces here (apt-get install bubblewrap)")
+    hidden = await _secrets(settings, tmp_path)
+    listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    process = await launch(kinds=(f"{__name__}:PEEKING_PROVISION",))
+    client = await Client.open(ws_url(process))
+    view, _ = await run(client, "provision", {"name": "peeker", "approve": True})
+    assert view["status"] == "completed", view["error"]
+    assert view["result"]["sandbox"] == "bubblewrap"
+    assert any(line.startswith("sandbox: bubblewrap") for line in view["output_tail"])
+    directory = scope_dir(settings) / "peeker"
+    (directory / "mine.txt").write_text("mine")
+    address = view["result"]["agent"]["address"]
+    try:
+        assert await request(address, f"READ {directory / 'mine.txt'}") == "DATA mine"
+        for file in hidden:
+            assert (await request(address, f"READ {file}")).startswith("ERR "), file
+        assert (await request(address, f"CONNECT 127.0.0.1:{port}")).startswith("ERR ")
+    finally:
+        await stop_agent(directory)
+        listener.close()
+        await listener.wait_closed()
+
+
+async def test_without_a_sandbox_the_task_says_so(launch: Launch, settings: Settings, tmp_path: Path) -> None:
+    """Where bwrap cannot be used the agent runs in the plain directory, and the task's
+    output and result say so (there, it could read the other workspace: that is the point)."""
+    hidden = await _secrets(settings, tmp_path)
+    process = await launch(kinds=(f"{__name__}:UNSANDBOXED_PROVISION",))
+    client = await Client.open(ws_url(process))
+    view, _ = await run(client, "provision", {"name": "peeker", "approve": True})
+    assert view["status"] == "completed", view["error"]
+    assert view["result"]["sandbox"] == "directory"
+    assert any(line.startswith("sandbox: none") for line in view["output_tail"])
+    try:
+        assert await request(view["result"]["agent"]["address"], f"READ {hidden[1]}") == "DATA secret"
+    finally:
+        await stop_agent(scope_dir(settings) / "peeker")

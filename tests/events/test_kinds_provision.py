@@ -10,6 +10,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import psutil
 import pytest
 
 from events.kinds import sandbox
@@ -252,3 +253,18 @@ async def test_without_a_sandbox_the_task_says_so(launch: Launch, settings: Sett
         assert await request(view["result"]["agent"]["address"], f"READ {hidden[1]}") == "DATA secret"
     finally:
         await stop_agent(scope_dir(settings) / "peeker")
+
+
+async def test_two_agents_started_at_once_for_one_workspace_make_one(tmp_path: Path) -> None:
+    """One agent per workspace: two starts racing (no state file yet) both get the same
+    agent; the second one started finds the workspace's lock taken and exits."""
+    never = asyncio.Event()
+    first, second = await asyncio.gather(ensure_agent(tmp_path, never), ensure_agent(tmp_path, never))
+    try:
+        assert first == second and not gone(first["pid"])
+        agents = [p for p in psutil.process_iter(["cmdline"])
+                  if str(tmp_path) in (p.info["cmdline"] or []) and not gone(p.pid)]
+        assert [p.pid for p in agents] == [first["pid"]]
+    finally:
+        await stop_agent(tmp_path)
+    assert gone(first["pid"])

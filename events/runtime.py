@@ -3,7 +3,9 @@ cancellation, timeouts, questions and retries.
 
 A kind's `run(ctx)` does its work as named steps, `await ctx.step(name, fn)`; each finished
 step is a durable checkpoint (its result is in the `step.completed` event), so a later
-claim skips it and gets the recorded result (invariant 5). Progress and output are
+claim skips it and gets the recorded result (invariant 5). A step runs as its claim's
+`events.attempt.Owner`, which marks every child process it starts; a step that runs again
+on a later claim first kills what the earlier claims' runs of it left (invariant 9). Progress and output are
 buffered and written in batches, never an event per line.
 
 Every write carries the claim's fencing token; the first write or heartbeat that finds the

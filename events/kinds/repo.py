@@ -48,6 +48,7 @@ log = logging.getLogger("taskcast.kinds.repo")
 MARKER = "taskcast-rebase.json"
 PARENT_KEY = "taskcast-parent"
 MAX_STACK = 100
+SETTLE_S = 30.0  # to abort a half-done rebase once the action was stopped
 
 
 class Repo:
@@ -204,9 +205,25 @@ def locked(kind: str, body: Callable[[TaskContext, Repo], Awaitable[dict[str, An
         VALIDATE[kind](ctx.input)  # the worker trusts no input either
         repo = await open_repo(ctx, kind)
         async with repolock.holding(ctx, repo.identity):
-            return await body(ctx, repo)
+            try:
+                return await body(ctx, repo)
+            finally:
+                # However the body ended (aborted past its cancel grace included), the
+                # repository is settled before the lock lets the next action in.
+                await _to_the_end(repo.settle(ctx.task), SETTLE_S)
 
     return run
+
+
+async def _to_the_end(work: Coroutine[Any, Any, None], within_s: float) -> None:
+    """Run `work` to its end (at most `within_s`), even if the caller is cancelled meanwhile;
+    then re-raise that cancellation."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task}, timeout=within_s)
+        raise
 
 
 async def _cleanup(ctx: TaskContext) -> None:

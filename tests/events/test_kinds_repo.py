@@ -273,9 +273,11 @@ async def test_actions_on_one_repository_run_one_at_a_time(launch: Launch, tmp_p
     await client.request({"type": "cancel", "task": first})
     second_updates = await updates_until_end(client, second)
     assert second_updates[-1]["task"]["status"] == "completed"
-    first_end = next(e for e in await history(client, first) if e["type"] == "task.cancelled")
+    # The lock is let go once the first action stopped and its rebase was settled (its
+    # terminal event may be written a moment later).
+    stopped = next(e for e in await history(client, first) if e["type"] == "task.cancel_requested")
     second_start = next(e for e in await history(client, second) if e["type"] == "step.started")
-    assert second_start["at"] >= first_end["at"]
+    assert second_start["at"] >= stopped["at"] and clean_and_idle(repo)
 
 
 async def test_no_alias_of_a_repository_runs_beside_an_action_on_it(launch: Launch, tmp_path: Path,
@@ -321,9 +323,10 @@ async def test_no_alias_of_a_repository_runs_beside_an_action_on_it(launch: Laun
         return all(v["status"] in ("completed", "failed", "cancelled") for v in views)
 
     await eventually_async(all_ended, within=30)
-    first_end = next(e for e in await history(client, first) if e["type"] == "task.cancelled")
+    stopped = next(e for e in await history(client, first) if e["type"] == "task.cancel_requested")
     for task, alias in zip(waiting, aliases, strict=True):
         events = await history(client, task)
         assert [e["type"] for e in events][-1] == "task.completed", (alias, events[-1])
         start = next(e for e in events if e["type"] == "step.started")
-        assert start["at"] >= first_end["at"], alias
+        assert start["at"] >= stopped["at"], alias
+    assert clean_and_idle(repo) and git(repo, "symbolic-ref", "--short", "HEAD") == "main"

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("dev", "serve") and not _safe_to_serve(settings, settings.host, args.insecure):
         return 2
     if args.command == "dev":
-        return dev(settings, Path(args.data_dir), settings.workers)
+        workspace_root = settings.workspace_root or str((Path(args.data_dir) / "workspaces").resolve())
+        return dev(settings.with_(workspace_root=workspace_root), Path(args.data_dir), settings.workers)
     if not settings.database_url or not settings.redis_url:
         print(f"taskcast {args.command}: set DATABASE_URL and REDIS_URL (or use `taskcast dev`)",
               file=sys.stderr)
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         roles = Roles(serve=True)
     elif args.command == "worker":
+        if not settings.workspace_root:
+            print("taskcast worker: set TASKCAST_WORKSPACE_ROOT (where tasks' files live, one "
+                  "directory per scope)", file=sys.stderr)
+            return 2
         roles = Roles(workers=1)
     else:
         roles = Roles(relay=True)

@@ -29,10 +29,11 @@ from server.settings import Settings
 log = logging.getLogger("taskcast")
 
 
-def load_kinds(paths: Sequence[str], shell_allow: Sequence[str] = ()) -> dict[str, KindSpec]:
+def load_kinds(paths: Sequence[str], shell_allow: Sequence[str] = (),
+               clone_roots: Sequence[str] = ()) -> dict[str, KindSpec]:
     """The built-in kinds plus plugins named `package.module:attr` (a KindSpec, or an async
     function registered under its attribute name). Raises ValueError, ImportError."""
-    kinds = builtin(shell_allow)
+    kinds = builtin(shell_allow, clone_roots=clone_roots)
     for path in paths:
         module_name, sep, attr = path.partition(":")
         if not sep:
@@ -82,7 +83,7 @@ class Process:
 
     async def __aenter__(self) -> Process:
         s = self.settings
-        kinds = load_kinds(s.kinds, s.shell_allow)
+        kinds = load_kinds(s.kinds, s.shell_allow, s.clone_roots)
         self._stack = stack = AsyncExitStack()
         try:
             self.pool = await db.create_pool(s.database_url, min_size=1, max_size=20)

@@ -1,6 +1,6 @@
 """`taskcast create` and `taskcast watch`: tasks followed live in a terminal.
 
-Both talk to a running server over its websocket, through `server.client.Follower` (the
+Both talk to a running server over its websocket, through `cli.client.Follower` (the
 public protocol only), so they survive a server restart: the follower reconnects and
 resumes with `since`, and nothing is printed twice.
 

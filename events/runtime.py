@@ -3,7 +3,9 @@ cancellation, timeouts, questions and retries.
 
 A kind's `run(ctx)` does its work as named steps, `await ctx.step(name, fn)`; each finished
 step is a durable checkpoint (its result is in the `step.completed` event), so a later
-claim skips it and gets the recorded result (invariant 5). Progress and output are
+claim skips it and gets the recorded result (invariant 5). A step runs as its claim's
+`events.attempt.Owner`, which marks every child process it starts; a step that runs again
+on a later claim first kills what the earlier claims' runs of it left (invariant 9). Progress and output are
 buffered and written in batches, never an event per line.
 
 Every write carries the claim's fencing token; the first write or heartbeat that finds the
@@ -31,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from events import attempt
 from events.errors import StaleFence, TaskcastError, Unavailable, VersionConflict
 from events.fold import View
 from events.ids import FenceToken, TaskId
@@ -77,11 +80,13 @@ class TaskContext:
     """What a kind's code sees of its task."""
 
     def __init__(self, log_: EventLog, claim: Claim, *, worker: str, flush_s: float = 0.1,
-                 lease_s: float = 30.0) -> None:
+                 lease_s: float = 30.0, workspace_root: str = "") -> None:
         self.log = log_
         self.lease_s = lease_s
         self.task = claim.task
         self.fence = claim.fence
+        self.scope: str = claim.view.get("scope", "")
+        self.workspace_root = workspace_root  # where scopes' directories are (events.kinds.workspace)
         self.attempt = claim.view.get("attempt", 1)
         self.worker = worker
         self.view: View = claim.view
@@ -128,11 +133,15 @@ class TaskContext:
         if self.completed(name):
             return self.result_of(name)  # type: ignore[no-any-return]
         self.check_cancelled()
+        if any(s["name"] == name for s in self.view["steps"]):
+            # Run before, by a claim that died: nothing it started may run beside this run.
+            await asyncio.to_thread(attempt.kill_leftovers, self.task, self.fence, name)
         self.step_name = name
         started: dict[str, Any] = {"step": name, "worker": self.worker}
         if self._total is not None:
             started["steps_total"] = self._total
         await self.write([NewEvent(E.STEP_STARTED, started)])
+        owner = attempt.CURRENT.set(attempt.Owner(self.task, self.fence, name))
         try:
             result = await fn()
         except StepError as exc:
@@ -145,6 +154,8 @@ class TaskContext:
             await self.write([NewEvent(E.STEP_FAILED, {"step": name, "error": _message(exc),
                                                        "retryable": False})])
             raise
+        finally:
+            attempt.CURRENT.reset(owner)
         completed: dict[str, Any] = {"step": name}
         if result is not None:
             completed["result"] = result
@@ -313,11 +324,11 @@ def deadline(view: View) -> float | None:
 
 
 async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: KindSpec, *, worker: str,
-                    lease_s: float, cancel_grace_s: float = 5.0,
+                    lease_s: float, cancel_grace_s: float = 5.0, workspace_root: str = "",
                     on_context: Callable[[TaskContext | None], None] | None = None) -> Status | None:
     """Run a claimed task until its run ends (or its lease is lost). Returns the terminal
     status it wrote, or None (parked, retrying, lease lost)."""
-    ctx = TaskContext(log_, claim, worker=worker, lease_s=lease_s)
+    ctx = TaskContext(log_, claim, worker=worker, lease_s=lease_s, workspace_root=workspace_root)
     if on_context is not None:
         on_context(ctx)
     try:
@@ -435,13 +446,14 @@ async def _cleanup(ctx: TaskContext, kind: KindSpec) -> None:
         log.exception("cleanup of %s failed", ctx.task)
 
 
-async def cleanup_abandoned(log_: EventLog, view: View, kind: KindSpec, *, worker: str) -> None:
+async def cleanup_abandoned(log_: EventLog, view: View, kind: KindSpec, *, worker: str,
+                            workspace_root: str = "") -> None:
     """Run a kind's cleanup for a task whose worker is gone. The context holds no lease
     (fence 0), so the cleanup can write nothing to the task."""
     if kind.cleanup is None:
         return
     claim = Claim(TaskId(view["id"]), FenceToken(0), view.get("attempt", 1), True, view)
-    await _cleanup(TaskContext(log_, claim, worker=worker), kind)
+    await _cleanup(TaskContext(log_, claim, worker=worker, workspace_root=workspace_root), kind)
 
 
 async def _heartbeat(ctx: TaskContext, queue: Queue, lease_s: float) -> None:

@@ -51,6 +51,7 @@ class WorkerConfig:
     prune_every_s: float = 60.0
     drain_grace_s: float = 10.0  # at SIGTERM, how long running tasks may take to finish
     stop_s: float = 5.0  # a drained runner's time to stop, and a hand-back's to commit
+    workspace_root: str = ""  # scopes' directories for the built-in kinds (events.kinds.workspace)
 
 
 class Worker:
@@ -190,7 +191,7 @@ class Worker:
 
         status = await run_claim(self.log, self.queue, claim, kind, worker=self.name,
                                  lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
-                                 on_context=track)
+                                 workspace_root=self.config.workspace_root, on_context=track)
         if status is not None and status.terminal:
             try:
                 await deps.release(self.log, claim.task)
@@ -253,7 +254,8 @@ class Worker:
         view = await self.log.view(task)
         kind = self.kinds.get(view["kind"])
         if kind is not None:
-            await cleanup_abandoned(self.log, view, kind, worker=self.name)
+            await cleanup_abandoned(self.log, view, kind, worker=self.name,
+                                    workspace_root=self.config.workspace_root)
         try:
             await self.log.command(task, decide.time_out)
         except (Conflict, NotFound):

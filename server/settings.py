@@ -39,6 +39,10 @@ class Settings:
     public_url: str | None = None  # where browsers reach this server (its origin is allowed)
     kinds: tuple[str, ...] = ()  # extra kinds, "package.module:attr"
     shell_allow: tuple[str, ...] = ()  # commands the `shell` kind may run; none: disabled
+    # Where the built-in kinds keep each scope's files; "": none, and then those kinds fail
+    # (`taskcast worker` refuses to start; `taskcast dev` defaults it to <data dir>/workspaces).
+    workspace_root: str = ""
+    clone_roots: tuple[str, ...] = ()  # local paths git.clone may read (`:`-separated)
     # the gateway's limits (PROTOCOL.md, Limits)
     max_frame_bytes: int = 256 * 1024
     max_subscriptions: int = 100
@@ -72,7 +76,7 @@ class Settings:
         return WorkerConfig(concurrency=self.worker_concurrency, lease_s=self.lease_s,
                             cancel_grace_s=self.cancel_grace_s, scope_limit=self.scope_limit,
                             retention_s=self.retention_s, drain_grace_s=self.drain_grace_s,
-                            stop_s=self.stop_timeout_s)
+                            stop_s=self.stop_timeout_s, workspace_root=self.workspace_root)
 
     def relay_config(self) -> RelayConfig:
         return RelayConfig(channel=self.channel)
@@ -113,14 +117,17 @@ def env_name(field: str) -> str:
     return _ENV.get(field, "TASKCAST_" + field.upper())
 
 
-def _parse(kind: str, raw: str) -> Any:
+_SEPARATORS = {"clone_roots": os.pathsep}  # lists of paths, like PATH; other lists: commas
+
+
+def _parse(name: str, kind: str, raw: str) -> Any:
     kind = kind.replace(" | None", "")
     if kind == "int":
         return int(raw)
     if kind == "float":
         return float(raw)
     if kind == "tuple[str, ...]":
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return tuple(part.strip() for part in raw.split(_SEPARATORS.get(name, ",")) if part.strip())
     return raw
 
 
@@ -134,7 +141,7 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         if raw is None or (raw == "" and f.type != "str"):
             continue
         try:
-            values[f.name] = _parse(str(f.type), raw)
+            values[f.name] = _parse(f.name, str(f.type), raw)
         except ValueError:
             raise SettingsError(f"{env_name(f.name)}={raw!r}: must be {f.type}") from None
     if values.get("secret") == "":

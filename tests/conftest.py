@@ -121,10 +121,12 @@ def redis_url(servers: tuple[str, str]) -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, redis_url: str) -> Settings:
-    """Settings for a process of this test: its own database and Redis channel, a free port."""
+def settings(database_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings for a process of this test: its own database, Redis channel and workspace
+    root, a free port."""
     return Settings(database_url=database_url, redis_url=redis_url, port=0, node_id="test-node",
-                    channel=f"taskcast:test:{os.getpid()}:{next(_counter)}")
+                    channel=f"taskcast:test:{os.getpid()}:{next(_counter)}",
+                    workspace_root=str(tmp_path_factory.mktemp("workspaces")))
 
 
 @pytest.fixture

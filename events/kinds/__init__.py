@@ -8,6 +8,12 @@ raises `events.errors.BadRequest` naming the field (`input.steps`), so a task th
 never run is refused at once instead of failing in a worker. Plugins are registered
 by import path (`TASKCAST_KINDS=package.module:attr`); the attr is a KindSpec or a bare
 `async def attr(ctx)`.
+
+The built-in kinds touch the disk only inside their task's scope directory under the
+workspace root (`events.kinds.workspace`), and their child processes belong to their task
+attempt (`events.attempt`). They take no queue `mutex`: actions on one repository are
+serialized by the worker, which alone can see which paths name the same one
+(`events.kinds.repolock`).
 """
 
 from __future__ import annotations
@@ -43,15 +49,17 @@ def as_kind(name: str, obj: object) -> KindSpec:
     raise TypeError(f"{name} is neither a KindSpec nor an async function")
 
 
-def builtin(shell_allow: Sequence[str] = ()) -> dict[str, KindSpec]:
+def builtin(shell_allow: Sequence[str] = (), *, clone_roots: Sequence[str] = ()) -> dict[str, KindSpec]:
     """The kinds that ship with taskcast, by name. `shell` runs only the commands named in
-    `shell_allow` (Settings.shell_allow, from TASKCAST_SHELL_ALLOW); none: it is disabled."""
+    `shell_allow` (Settings.shell_allow, from TASKCAST_SHELL_ALLOW); none: it is disabled.
+    `git.clone` reads local repositories outside the scope's directory only under
+    `clone_roots` (Settings.clone_roots, from TASKCAST_CLONE_ROOTS)."""
     from events.kinds.demo import DEMO
-    from events.kinds.git import CLONE
+    from events.kinds.git import make_clone
     from events.kinds.provision import PROVISION
     from events.kinds.repo import REBASE_BRANCH, REGISTER_BRANCH, RESTACK, SYNC
     from events.kinds.shell import make_shell
 
-    kinds = (DEMO, PROVISION, CLONE, SYNC, REBASE_BRANCH, RESTACK, REGISTER_BRANCH,
+    kinds = (DEMO, PROVISION, make_clone(clone_roots), SYNC, REBASE_BRANCH, RESTACK, REGISTER_BRANCH,
              make_shell(list(shell_allow)))
     return {k.name: k for k in kinds}

@@ -1,7 +1,13 @@
 """The agent that `provision` starts in a workspace: a small long-lived server process.
 
-    python -m events.kinds.agent --dir WORKSPACE
+    python -m events.kinds.agent --dir WORKSPACE [--listen-fd FD]
 
+It serves on the listening socket FD it was handed (provision makes it outside the
+sandbox, so an agent without network still answers on the worker's loopback), or on a
+new one on 127.0.0.1. One agent per workspace, ever: the agent holds an exclusive flock
+on `WORKSPACE/.taskcast-agent.lock` for its whole life (the kernel drops it when the
+agent dies, however it dies); a second agent started for the workspace finds it taken,
+reports BUSY and the command exits with status 3.
 The command returns once the agent is ready, printing one JSON line
 `{"pid": .., "address": "127.0.0.1:PORT"}`; the agent itself lives on in its own session
 (it is forked off, so it is nobody's child to reap and survives the worker that started
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -34,6 +41,9 @@ from pathlib import Path
 
 STATE_FILE = ".taskcast-agent.json"
 LOG_FILE = ".taskcast-agent.log"
+LOCK_FILE = ".taskcast-agent.lock"
+BUSY = b"BUSY"
+EXIT_BUSY = 3
 WATCH_S = 1.0  # how often the agent checks that its workspace still exists
 LINE_MAX_BYTES = 4096
 
@@ -102,6 +112,13 @@ def _close_fds_but(*keep: int) -> None:
 def _daemon(directory: Path, sock: socket.socket, ready_fd: int) -> None:
     """The forked agent: detach, announce, serve until stopped."""
     os.setsid()
+    lock = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another agent serves this workspace
+        with contextlib.suppress(BrokenPipeError):
+            os.write(ready_fd, BUSY)
+        return
     devnull = os.open(os.devnull, os.O_RDONLY)
     log = os.open(directory / LOG_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(devnull, 0)
@@ -109,7 +126,7 @@ def _daemon(directory: Path, sock: socket.socket, ready_fd: int) -> None:
     os.dup2(log, 2)
     # Hold none of the starter's descriptors: uvloop's children inherit duplicates of their
     # stdio pipes, and one kept open here would keep the starter's reader waiting forever.
-    _close_fds_but(0, 1, 2, sock.fileno(), ready_fd)
+    _close_fds_but(0, 1, 2, sock.fileno(), ready_fd, lock)
     host, port = sock.getsockname()[:2]
     state = json.dumps({"pid": os.getpid(), "address": f"{host}:{port}"})
     state_path = directory / STATE_FILE
@@ -133,12 +150,17 @@ def _daemon(directory: Path, sock: socket.socket, ready_fd: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m events.kinds.agent")
     parser.add_argument("--dir", required=True, type=Path, help="the workspace to serve")
-    directory = parser.parse_args(argv).dir.resolve()
+    parser.add_argument("--listen-fd", type=int, help="a listening socket to serve on")
+    args = parser.parse_args(argv)
+    directory = args.dir.resolve()
     if not directory.is_dir():
         print(f"agent: {directory} is not a directory", file=sys.stderr)
         return 2
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    sock = socket.create_server(("127.0.0.1", 0))
+    if args.listen_fd is not None:
+        sock = socket.socket(fileno=args.listen_fd)
+    else:
+        sock = socket.create_server(("127.0.0.1", 0))
     read_fd, write_fd = os.pipe()
     if os.fork() == 0:
         os.close(read_fd)
@@ -157,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     if not chunks:
         print("agent: did not start (see its log in the workspace)", file=sys.stderr)
         return 1
+    if b"".join(chunks) == BUSY:
+        print("agent: another agent already serves this workspace", file=sys.stderr)
+        return EXIT_BUSY
     print(b"".join(chunks).decode(), flush=True)
     return 0
 

@@ -8,6 +8,7 @@ fail once (retryable); `ask_step` asks a command_approval question before step k
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from events.errors import BadRequest
@@ -15,12 +16,18 @@ from events.kinds import KindSpec
 from events.runtime import StepError, TaskContext
 
 
-def _int(input_: dict[str, Any], name: str, default: int | None, high: int) -> int | None:
+def _int(input_: Mapping[str, Any], name: str, default: int | None, high: int) -> int | None:
     value = input_.get(name, default)
     if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)
                               or not 0 <= value <= high):
-        raise BadRequest(f"demo: {name} must be a number in 0..{high}")
+        raise BadRequest(f"demo: `input.{name}` must be a number in 0..{high}")
     return None if value is None else int(value)
+
+
+def validate(input_: Mapping[str, Any]) -> None:
+    for name, default, high in (("steps", 3, 1000), ("step_ms", 100, 3_600_000), ("fail_step", None, 1000),
+                                ("ask_step", None, 1000)):
+        _int(input_, name, default, high)
 
 
 async def run(ctx: TaskContext) -> dict[str, Any]:
@@ -50,4 +57,4 @@ async def run(ctx: TaskContext) -> dict[str, Any]:
     return {"steps": steps}
 
 
-DEMO = KindSpec("demo", run, max_attempts=3)
+DEMO = KindSpec("demo", run, max_attempts=3, validate=validate)

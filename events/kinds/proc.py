@@ -9,6 +9,11 @@ meters such as git's, at "\\r"), and kills the group on every way out:
   TaskCancelled is raised;
 - the awaiting task is cancelled (the runtime aborts a step past its grace): SIGKILL.
 So a kind whose processes all go through here needs no cleanup hook for them.
+
+Each child also belongs to its task attempt (`events.attempt`): its environment carries the
+markers of the step that runs it, so the worker's reaper kills it if the worker dies, and a
+later claim re-running the step kills it before it starts again. `bound=False` leaves out
+the worker's token, for a process meant to outlive the worker (provision's agent).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import TypeVar
 
 import psutil
 
+from events import attempt, reaper
 from events.runtime import TaskCancelled
 
 TERM_GRACE_S = 1.0  # from SIGTERM to SIGKILL on cancel (on SIGTERM git removes its lock files)
@@ -79,18 +85,30 @@ def kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:
         pass
 
 
+def owned_env(env: Mapping[str, str] | None, *, bound: bool = True) -> dict[str, str]:
+    """`env` (default: this process's) with the markers of the current step's attempt."""
+    owned = dict(os.environ if env is None else env)
+    for marker in (attempt.TASK, attempt.FENCE, attempt.STEP, attempt.OWNER):
+        owned.pop(marker, None)
+    owner = attempt.CURRENT.get()
+    if owner is not None:
+        owned.update(owner.env(bound=bound))
+    return owned
+
+
 async def run(argv: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None,
               cancelled: asyncio.Event | None = None, on_line: OnLine | None = None,
-              merge_stderr: bool = False) -> Finished:
+              merge_stderr: bool = False, bound: bool = True, pass_fds: Sequence[int] = ()) -> Finished:
     """Run argv to its end. Raises TaskCancelled when `cancelled` is set first, and
     OSError when it cannot be started."""
     if cancelled is not None and cancelled.is_set():
         raise TaskCancelled()
+    reaper.ensure()
     proc = await asyncio.create_subprocess_exec(
-        *argv, cwd=cwd, env=dict(env) if env is not None else None, stdin=asyncio.subprocess.DEVNULL,
+        *argv, cwd=cwd, env=owned_env(env, bound=bound), stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
-        start_new_session=True)
+        start_new_session=True, pass_fds=tuple(pass_fds))
     assert proc.stdout is not None
     out: list[str] = []
     err: list[str] = []

@@ -14,6 +14,13 @@
 - `repo.register_branch` {"repo", "branch", "parent"}: step `register`, recording the
   parent in git config `branch.<branch>.taskcast-parent`. Result {"branch", "parent"}.
 
+`repo` is a path relative to the task's scope directory (events.kinds.workspace): the
+repository's working tree, or any directory inside it. On the worker it is resolved by
+real path, and the repository's working tree and git directory must lie inside the scope
+directory (a symlink or a gitfile pointing elsewhere fails the task). The repository's
+identity, the real path of the directory holding its git directory, keys the lock that
+makes actions on it run one at a time (events.kinds.repolock), under whatever alias.
+
 A rebase needs a clean working tree (untracked files aside) and leaves the checkout as it
 found it. A conflict aborts the rebase and fails the step, not retryable, naming the
 conflicting files. Before rebasing, a marker in the git directory records the task and
@@ -26,12 +33,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
 from events.errors import BadRequest
-from events.kinds import KindSpec, proc
-from events.kinds.git import Meter, git, name, path, path_mutex, ref_name
+from events.kinds import KindSpec, proc, repolock, workspace
+from events.kinds.git import Meter, git, input_path, name, ref_name
 from events.runtime import StepError, TaskContext
 
 log = logging.getLogger("taskcast.kinds.repo")
@@ -39,17 +48,23 @@ log = logging.getLogger("taskcast.kinds.repo")
 MARKER = "taskcast-rebase.json"
 PARENT_KEY = "taskcast-parent"
 MAX_STACK = 100
+SETTLE_S = 30.0  # to abort a half-done rebase once the action was stopped
 
 
 class Repo:
-    """A local working tree, through git."""
+    """A local working tree of the scope whose directory is `home`, through git. `path`
+    is shown in messages as the task named it (`shown`), never as the worker's path."""
 
-    def __init__(self, path_: Path) -> None:
+    def __init__(self, path_: Path, home: Path, *, shown: str = "", identity: Path | None = None,
+                 gitdir: Path | None = None) -> None:
         self.path = path_
-        self._gitdir: Path | None = None
+        self.home = home
+        self.shown = shown or str(path_)
+        self.identity = identity or path_
+        self._gitdir = gitdir
 
     async def run(self, *args: str, check: bool = True, **kw: Any) -> proc.Finished:
-        return await git(*args, cwd=self.path, check=check, **kw)
+        return await git(*args, cwd=self.path, home=self.home, check=check, **kw)
 
     async def sha(self, ref: str) -> str | None:
         done = await self.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
@@ -59,13 +74,13 @@ class Repo:
         """The tip of a local branch. Raises StepError when there is none."""
         sha = await self.sha(f"refs/heads/{branch}")
         if sha is None:
-            raise StepError(f"no branch {branch!r} in {self.path}")
+            raise StepError(f"no branch {branch!r} in {self.shown}")
         return sha
 
     async def commit(self, ref: str) -> str:
         sha = await self.sha(ref)
         if sha is None:
-            raise StepError(f"{ref!r} is not a commit in {self.path}")
+            raise StepError(f"{ref!r} is not a commit in {self.shown}")
         return sha
 
     async def is_ancestor(self, a: str, b: str) -> bool:
@@ -128,10 +143,10 @@ class Repo:
         Raises StepError."""
         await self.settle()
         if await self.rebasing():
-            raise StepError(f"a rebase is in progress in {self.path} (not started by taskcast): "
+            raise StepError(f"a rebase is in progress in {self.shown} (not started by taskcast): "
                             "finish or abort it first")
         if (await self.run("status", "--porcelain", "--untracked-files=no")).stdout.strip():
-            raise StepError(f"{self.path} has uncommitted changes")
+            raise StepError(f"{self.shown} has uncommitted changes")
 
 
 async def rebase(ctx: TaskContext, repo: Repo, branch: str, onto: str, *,
@@ -160,11 +175,62 @@ async def rebase(ctx: TaskContext, repo: Repo, branch: str, onto: str, *,
         await repo.settle(ctx.task)
 
 
+async def open_repo(ctx: TaskContext, kind: str) -> Repo:
+    """The repository `input.repo` names, resolved and checked on the worker's disk.
+    Raises StepError (Escape: it lies outside the scope's directory)."""
+    shown = input_path(ctx.input, "repo", kind)
+    home = await asyncio.to_thread(workspace.scope_dir, ctx.workspace_root, ctx.scope)
+    where = await asyncio.to_thread(workspace.resolve, home, shown, f"{kind}: `input.repo`")
+    if not await asyncio.to_thread(where.is_dir):
+        raise StepError(f"{kind}: {shown!r} is not a directory")
+    probe = Repo(where, home, shown=shown)
+    found = await probe.run("rev-parse", "--path-format=absolute", "--git-common-dir", "--absolute-git-dir",
+                            check=False)
+    if found.code != 0:
+        raise StepError(f"{kind}: {shown!r} is not in a git repository")
+    top = (await probe.run("rev-parse", "--show-toplevel", check=False)).stdout.strip()
+    common, gitdir, tree = await asyncio.to_thread(
+        lambda: [Path(os.path.realpath(p)) for p in [*found.stdout.split("\n")[:2], top or str(where)]])
+    if not all(workspace.contains(home, p) for p in (common, gitdir, tree)):
+        raise workspace.Escape(f"{kind}: the repository at {shown!r} lies outside the scope's workspace")
+    identity = common.parent if common.name == ".git" else common
+    return Repo(tree, home, shown=shown, identity=identity, gitdir=gitdir)
+
+
+def locked(kind: str, body: Callable[[TaskContext, Repo], Awaitable[dict[str, Any]]]
+           ) -> Callable[[TaskContext], Coroutine[Any, Any, dict[str, Any]]]:
+    """A kind's run: validate, open the repository, and run `body` holding its lock."""
+
+    async def run(ctx: TaskContext) -> dict[str, Any]:
+        VALIDATE[kind](ctx.input)  # the worker trusts no input either
+        repo = await open_repo(ctx, kind)
+        async with repolock.holding(ctx, repo.identity):
+            try:
+                return await body(ctx, repo)
+            finally:
+                # However the body ended (aborted past its cancel grace included), the
+                # repository is settled before the lock lets the next action in.
+                await _to_the_end(repo.settle(ctx.task), SETTLE_S)
+
+    return run
+
+
+async def _to_the_end(work: Coroutine[Any, Any, None], within_s: float) -> None:
+    """Run `work` to its end (at most `within_s`), even if the caller is cancelled meanwhile;
+    then re-raise that cancellation."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task}, timeout=within_s)
+        raise
+
+
 async def _cleanup(ctx: TaskContext) -> None:
     """Abort the task's half-done rebase and restore the checkout (git was killed)."""
     try:
-        repo = Repo(path(ctx.input, "repo", "repo"))
-    except BadRequest:
+        repo = await open_repo(ctx, ctx.view.get("kind", "repo"))
+    except (BadRequest, StepError):
         return
     await repo.settle(ctx.task)
 
@@ -172,8 +238,7 @@ async def _cleanup(ctx: TaskContext) -> None:
 # the kinds
 
 
-async def sync(ctx: TaskContext) -> dict[str, Any]:
-    repo = Repo(path(ctx.input, "repo", "repo.sync"))
+async def sync(ctx: TaskContext, repo: Repo) -> dict[str, Any]:
     remote = name(ctx.input, "remote", "repo.sync", "origin")
     wanted = name(ctx.input, "branch", "repo.sync") if "branch" in ctx.input else None
     ctx.plan(2)
@@ -208,8 +273,7 @@ async def sync(ctx: TaskContext) -> dict[str, Any]:
     return await ctx.step("fast_forward", fast_forward)  # type: ignore[no-any-return]
 
 
-async def rebase_branch(ctx: TaskContext) -> dict[str, Any]:
-    repo = Repo(path(ctx.input, "repo", "repo.rebase_branch"))
+async def rebase_branch(ctx: TaskContext, repo: Repo) -> dict[str, Any]:
     branch = name(ctx.input, "branch", "repo.rebase_branch")
     onto = name(ctx.input, "onto", "repo.rebase_branch")
     return await ctx.step("rebase", lambda: rebase(ctx, repo, branch, onto))
@@ -227,19 +291,22 @@ async def _registered_stack(repo: Repo, top: str) -> tuple[list[str], str]:
     return chain[-2::-1], chain[-1]
 
 
-async def restack(ctx: TaskContext) -> dict[str, Any]:
-    repo = Repo(path(ctx.input, "repo", "repo.restack"))
-    given = ctx.input.get("stack")
-    base = top = ""
-    if given is not None:
-        if not isinstance(given, list) or not given or len(given) > MAX_STACK:
-            raise BadRequest(f"repo.restack: `stack` must be a list of 1..{MAX_STACK} branches")
-        given = [ref_name(b, "repo.restack: each of `stack`") for b in given]
-        if len(set(given)) != len(given):
-            raise BadRequest("repo.restack: a branch appears twice in `stack`")
-        base = name(ctx.input, "base", "repo.restack", "main")
-    else:
-        top = name(ctx.input, "branch", "repo.restack")
+def _restack_input(input_: Mapping[str, Any]) -> tuple[list[str] | None, str, str]:
+    """(stack or None, base, top) of a restack's input. Raises BadRequest."""
+    input_path(input_, "repo", "repo.restack")
+    given = input_.get("stack")
+    if given is None:
+        return None, "", name(input_, "branch", "repo.restack")
+    if not isinstance(given, list) or not given or len(given) > MAX_STACK:
+        raise BadRequest(f"repo.restack: `input.stack` must be a list of 1..{MAX_STACK} branches")
+    stack = [ref_name(b, "repo.restack: each of `input.stack`") for b in given]
+    if len(set(stack)) != len(stack):
+        raise BadRequest("repo.restack: a branch appears twice in `input.stack`")
+    return stack, name(input_, "base", "repo.restack", "main"), ""
+
+
+async def restack(ctx: TaskContext, repo: Repo) -> dict[str, Any]:
+    given, base, top = _restack_input(ctx.input)
 
     async def plan() -> dict[str, Any]:
         stack, bottom = (given, base) if given is not None else await _registered_stack(repo, top)
@@ -262,12 +329,9 @@ async def restack(ctx: TaskContext) -> dict[str, Any]:
     return {"base": planned["base"], "branches": rebased}
 
 
-async def register_branch(ctx: TaskContext) -> dict[str, Any]:
-    repo = Repo(path(ctx.input, "repo", "repo.register_branch"))
+async def register_branch(ctx: TaskContext, repo: Repo) -> dict[str, Any]:
     branch = name(ctx.input, "branch", "repo.register_branch")
     parent = name(ctx.input, "parent", "repo.register_branch")
-    if branch == parent:
-        raise BadRequest("repo.register_branch: a branch cannot be its own parent")
 
     async def register() -> dict[str, Any]:
         await repo.branch(branch)
@@ -285,8 +349,40 @@ async def register_branch(ctx: TaskContext) -> dict[str, Any]:
     return await ctx.step("register", register)
 
 
-_MUTEX = path_mutex("repo")
-SYNC = KindSpec("repo.sync", sync, cleanup=_cleanup, max_attempts=3, mutex=_MUTEX)
-REBASE_BRANCH = KindSpec("repo.rebase_branch", rebase_branch, cleanup=_cleanup, max_attempts=1, mutex=_MUTEX)
-RESTACK = KindSpec("repo.restack", restack, cleanup=_cleanup, max_attempts=1, mutex=_MUTEX)
-REGISTER_BRANCH = KindSpec("repo.register_branch", register_branch, max_attempts=1, mutex=_MUTEX)
+# validation: pure, run by the node before the ack and again by the worker
+
+
+def _validate_sync(input_: Mapping[str, Any]) -> None:
+    input_path(input_, "repo", "repo.sync")
+    name(input_, "remote", "repo.sync", "origin")
+    if "branch" in input_:
+        name(input_, "branch", "repo.sync")
+
+
+def _validate_rebase(input_: Mapping[str, Any]) -> None:
+    input_path(input_, "repo", "repo.rebase_branch")
+    name(input_, "branch", "repo.rebase_branch")
+    name(input_, "onto", "repo.rebase_branch")
+
+
+def _validate_register(input_: Mapping[str, Any]) -> None:
+    input_path(input_, "repo", "repo.register_branch")
+    if name(input_, "branch", "repo.register_branch") == name(input_, "parent", "repo.register_branch"):
+        raise BadRequest("repo.register_branch: a branch cannot be its own parent")
+
+
+def _validate_restack(input_: Mapping[str, Any]) -> None:
+    _restack_input(input_)
+
+
+VALIDATE = {"repo.sync": _validate_sync, "repo.rebase_branch": _validate_rebase,
+            "repo.restack": _validate_restack, "repo.register_branch": _validate_register}
+# No queue mutex: the node cannot tell aliases apart, nor see the scope; repolock does it.
+SYNC = KindSpec("repo.sync", locked("repo.sync", sync), cleanup=_cleanup, max_attempts=3,
+                validate=_validate_sync)
+REBASE_BRANCH = KindSpec("repo.rebase_branch", locked("repo.rebase_branch", rebase_branch), cleanup=_cleanup,
+                         max_attempts=1, validate=_validate_rebase)
+RESTACK = KindSpec("repo.restack", locked("repo.restack", restack), cleanup=_cleanup, max_attempts=1,
+                   validate=_validate_restack)
+REGISTER_BRANCH = KindSpec("repo.register_branch", locked("repo.register_branch", register_branch),
+                           max_attempts=1, validate=_validate_register)

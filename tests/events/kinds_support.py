@@ -1,5 +1,6 @@
-"""What the built-in kinds' tests share: driving a task over the websocket, real git
-repositories made in a temp dir, a git server that never answers, and process lookups."""
+"""What the built-in kinds' tests share: driving a task over the websocket, scopes'
+directories, real git repositories made in them, a git server that never answers, and
+process lookups (by command line, and by the task-attempt markers of events.attempt)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from typing import Any
 
 import psutil
 
+from cli.process import Process
+from events import attempt
 from events.kinds.proc import gone
+from events.kinds.workspace import scope_dirname
+from server.settings import Settings
 from tests.wsclient import Client
 
 TERMINAL = ("completed", "failed", "cancelled", "timed_out")
@@ -25,9 +30,10 @@ GIT_ENV = {**os.environ, "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@ex
 # tasks
 
 
-async def create(client: Client, kind: str, input_: dict[str, Any], **fields: Any) -> str:
+async def create(client: Client, kind: str, input_: dict[str, Any], scope: str = "test",
+                 **fields: Any) -> str:
     """Create a task with this socket subscribed to it; its id."""
-    ack = await client.request({"type": "create", "kind": kind, "scope": "test", "input": input_,
+    ack = await client.request({"type": "create", "kind": kind, "scope": scope, "input": input_,
                                 "subscribe": True, **fields})
     assert ack["type"] == "ack", ack
     task: str = ack["task"]
@@ -48,11 +54,11 @@ async def updates_until_end(client: Client, task: str, within: float = 30) -> li
     return seen
 
 
-async def run(client: Client, kind: str, input_: dict[str, Any],
-              within: float = 30) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+async def run(client: Client, kind: str, input_: dict[str, Any], within: float = 30,
+              scope: str = "test") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Create a task and watch it to its end: (its whole last view, from `get`, with the
     step results that update views leave out; its updates)."""
-    task = await create(client, kind, input_)
+    task = await create(client, kind, input_, scope)
     updates = await updates_until_end(client, task, within)
     return await view(client, task), updates
 
@@ -62,6 +68,22 @@ async def view(client: Client, task: str) -> dict[str, Any]:
     answer = await client.request({"type": "get", "task": task})
     whole: dict[str, Any] = answer["data"]
     return whole
+
+
+async def refused(client: Client, kind: str, input_: dict[str, Any], scope: str = "test") -> str:
+    """Why a task that must not run was refused: the ack's bad_request (the node runs the
+    kind's validate), or else the failure of the task (the worker runs it too)."""
+    ack = await client.request({"type": "create", "kind": kind, "scope": scope, "input": input_,
+                                "subscribe": True})
+    if ack["type"] == "error":
+        assert ack["code"] == "bad_request", ack
+        message: str = ack["message"]
+        return message
+    assert ack["type"] == "ack", ack
+    view = (await updates_until_end(client, ack["task"]))[-1]["task"]
+    assert view["status"] == "failed", view
+    error: str = view["error"]
+    return error
 
 
 async def until_event(client: Client, task: str, type_: str, step: str | None = None,
@@ -94,6 +116,17 @@ def output_lines(updates: list[dict[str, Any]]) -> list[str]:
 
 def started_steps(updates: list[dict[str, Any]]) -> list[str]:
     return [u["event"]["data"]["step"] for u in updates if u["event"]["type"] == "step.started"]
+
+
+# scopes
+
+
+def scope_dir(where: Process | Settings, scope: str = "test") -> Path:
+    """The directory of `scope` under the workspace root, created (tests put files there)."""
+    settings = where.settings if isinstance(where, Process) else where
+    path = Path(settings.workspace_root).resolve() / scope_dirname(scope)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # git
@@ -188,3 +221,13 @@ def processes_with(text: str) -> list[int]:
 
 def all_gone(pids: list[int]) -> bool:
     return all(gone(pid) for pid in pids)
+
+
+def of_task(task: str, fence: int | None = None) -> list[psutil.Process]:
+    """The live processes (anywhere on the machine) marked as started for `task` (by the
+    claim `fence`, if given): a scan of every process's environment."""
+    return attempt.scan(attempt.of_attempt(task, fence))
+
+
+def fences(processes: list[psutil.Process]) -> set[int]:
+    return {int(attempt.environ(p).get(attempt.FENCE, "0")) for p in processes}

@@ -18,6 +18,7 @@ from tests.events.kinds_support import (
     output_lines,
     processes_with,
     run,
+    scope_dir,
     silent_git_server,
     terminal_events,
     until_event,
@@ -29,13 +30,13 @@ from tests.wsclient import Client
 Launch = Callable[..., Awaitable[Process]]
 
 
-def _bare_origin(tmp_path: Path, files: int = 40) -> Path:
-    """A bare repository with enough objects for git to show its meters."""
-    work = new_repo(tmp_path / "src")
+def _bare_origin(where: Path, files: int = 40, name: str = "origin") -> Path:
+    """A bare repository `where/<name>.git` with enough objects for git to show its meters."""
+    work = new_repo(where / f"{name}-src")
     for i in range(files):
         commit(work, f"dir/file{i}.txt", os.urandom(2000).hex(), f"file {i}")
-    git(tmp_path, "clone", "-q", "--bare", str(work), "origin.git")
-    return tmp_path / "origin.git"
+    git(where, "clone", "-q", "--bare", str(work), f"{name}.git")
+    return where / f"{name}.git"
 
 
 def test_git_meters_map_to_the_step_progress() -> None:
@@ -48,14 +49,17 @@ def test_git_meters_map_to_the_step_progress() -> None:
     assert parse_progress("Frobbing things:  10% (1/10)") is None
 
 
-async def test_clone_streams_progress_and_output_and_completes(taskcast: Process, tmp_path: Path) -> None:
-    """A clone reports git's progress and output, and ends with the checkout in `dest`."""
-    origin = _bare_origin(tmp_path)
-    dest = tmp_path / "ws" / "checkout"
+async def test_clone_streams_progress_and_output_and_completes(taskcast: Process) -> None:
+    """A clone reports git's progress and output, and ends with the checkout in `dest`
+    (relative to the scope's directory, like the local `url`)."""
+    ws = scope_dir(taskcast)
+    origin = _bare_origin(ws)
+    dest = ws / "clones" / "checkout"
     client = await Client.open(ws_url(taskcast))
-    view, updates = await run(client, "git.clone", {"url": origin.as_uri(), "dest": str(dest)})
+    view, updates = await run(client, "git.clone", {"url": "origin.git", "dest": "clones/checkout"})
     assert view["status"] == "completed", view["error"]
-    assert view["result"] == {"dest": str(dest), "head": git(origin, "rev-parse", "main"), "branch": "main"}
+    assert view["result"] == {"dest": "clones/checkout", "head": git(origin, "rev-parse", "main"),
+                              "branch": "main"}
     assert (dest / "dir" / "file39.txt").is_file() and git(dest, "status", "--porcelain") == ""
     # Progress is coalesced (the latest per flush): a fast clone may show only its end.
     progress = [u["event"]["data"] for u in updates if u["event"]["type"] == "step.progress"]
@@ -68,39 +72,38 @@ async def test_clone_streams_progress_and_output_and_completes(taskcast: Process
     assert sorted(p.name for p in dest.parent.iterdir()) == ["checkout"]  # no temporary left
 
 
-async def test_clone_into_an_existing_clone_of_the_url_reports_it(taskcast: Process, tmp_path: Path) -> None:
+async def test_clone_into_an_existing_clone_of_the_url_reports_it(taskcast: Process) -> None:
     """At least once: a second clone to the same place finds the first and completes as is;
     a different repository already there fails the task."""
-    origin = _bare_origin(tmp_path, files=2)
-    dest = tmp_path / "checkout"
+    ws = scope_dir(taskcast)
+    origin = _bare_origin(ws, files=2)
+    other_origin = _bare_origin(ws, files=1, name="other")
     client = await Client.open(ws_url(taskcast))
-    first, _ = await run(client, "git.clone", {"url": origin.as_uri(), "dest": str(dest)})
-    again, _ = await run(client, "git.clone", {"url": origin.as_uri(), "dest": str(dest)})
+    first, _ = await run(client, "git.clone", {"url": origin.as_uri(), "dest": "checkout"})
+    again, _ = await run(client, "git.clone", {"url": origin.as_uri(), "dest": "checkout"})
     assert first["status"] == again["status"] == "completed" and again["result"] == first["result"]
-    other, _ = await run(client, "git.clone", {"url": str(origin), "dest": str(dest)})
+    other, _ = await run(client, "git.clone", {"url": str(other_origin), "dest": "checkout"})
     assert other["status"] == "failed" and "already exists" in other["error"]
 
 
-async def test_clone_of_a_missing_repository_fails_with_gits_message(taskcast: Process,
-                                                                    tmp_path: Path) -> None:
+async def test_clone_of_a_missing_repository_fails_with_gits_message(taskcast: Process) -> None:
     """git's own message reaches the failed step (retryable: a remote may come back)."""
     client = await Client.open(ws_url(taskcast))
-    task = await create(client, "git.clone", {"url": str(tmp_path / "nope.git"), "dest": str(tmp_path / "d")})
+    task = await create(client, "git.clone", {"url": "nope.git", "dest": "d"})
     failed = await until_event(client, task, "step.failed")
     assert "does not exist" in failed["event"]["data"]["error"] and failed["event"]["data"]["retryable"]
     await client.request({"type": "cancel", "task": task})  # no need to sit through the backoff
     await updates_until_end(client, task)
 
 
-async def test_cancel_during_clone_kills_git_and_removes_the_partial_clone(launch: Launch,
-                                                                          tmp_path: Path) -> None:
+async def test_cancel_during_clone_kills_git_and_removes_the_partial_clone(launch: Launch) -> None:
     """Cancel mid-clone (a remote that never answers): git is killed, the temporary
     directory removed, `dest` never created; cancelled, one terminal event."""
     process = await launch(cancel_grace_s=0.5)
     client = await Client.open(ws_url(process))
-    dest = tmp_path / "checkout"
+    ws = scope_dir(process)
     async with silent_git_server() as url:
-        task = await create(client, "git.clone", {"url": url, "dest": str(dest)})
+        task = await create(client, "git.clone", {"url": url, "dest": "checkout"})
         await until_event(client, task, "step.started", step="clone")
         pids: list[int] = []
         await eventually(lambda: pids.extend(processes_with(url)) or pids)
@@ -108,5 +111,5 @@ async def test_cancel_during_clone_kills_git_and_removes_the_partial_clone(launc
         updates = await updates_until_end(client, task)
     assert updates[-1]["task"]["status"] == "cancelled"
     await eventually(lambda: all_gone(pids), within=5)
-    assert list(tmp_path.iterdir()) == []
+    assert list(ws.iterdir()) == []
     assert await terminal_events(client, task) == ["task.cancelled"]

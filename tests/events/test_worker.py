@@ -39,9 +39,10 @@ def workers(settings: Settings) -> Iterator[list[subprocess.Popen[bytes]]]:
         proc.wait(10)
 
 
-def _worker(settings: Settings, log: Path | None = None) -> subprocess.Popen[bytes]:
+def _worker(settings: Settings, log: Path | None = None, **extra_env: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-           "TASKCAST_LEASE_S": "1.5", "TASKCAST_LOG": "WARNING"}
+           "TASKCAST_LEASE_S": "1.5", "TASKCAST_LOG": "WARNING",
+           "TASKCAST_WORKSPACE_ROOT": settings.workspace_root, **extra_env}
     out = log.open("wb") if log is not None else None
     try:
         return subprocess.Popen([sys.executable, "-m", "cli.main", "worker"], env=env,

@@ -32,7 +32,8 @@ E = EventType
 def worker_procs(settings: Settings, tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     """`taskcast worker` processes with a 30 s lease and a short drain grace."""
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-           "TASKCAST_CHANNEL": settings.channel, "TASKCAST_LEASE_S": "30",
+           "TASKCAST_CHANNEL": settings.channel,
+           "TASKCAST_WORKSPACE_ROOT": settings.workspace_root, "TASKCAST_LEASE_S": "30",
            "TASKCAST_DRAIN_GRACE_S": "0.3", "TASKCAST_LOG": "INFO"}
     procs = []
     for i in range(2):

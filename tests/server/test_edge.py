@@ -60,7 +60,8 @@ async def live(settings: Settings, tmp_path: Path) -> AsyncIterator[Live]:
     port = free_port()
     env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
            "TASKCAST_CHANNEL": settings.channel,
-           "TASKCAST_WORKSPACE_ROOT": settings.workspace_root, "TASKCAST_LOG": "INFO", "TASKCAST_LEASE_S": "5"}
+           "TASKCAST_WORKSPACE_ROOT": settings.workspace_root, "TASKCAST_LOG": "INFO",
+           "TASKCAST_LEASE_S": "5"}
     env.pop("TASKCAST_SECRET", None)
     commands = {"serve": ["serve", "--port", str(port)], "relay": ["relay"],
                 "worker": ["worker", "--concurrency", "8"]}

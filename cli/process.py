@@ -18,7 +18,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events import db
-from events.kinds import KindSpec, as_kind, builtin
+from events.kind import KindSpec, as_kind
+from events.kinds import builtin
 from events.log import EventLog
 from events.relay import Relay
 from events.waker import Waker

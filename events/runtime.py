@@ -37,7 +37,7 @@ from events import attempt
 from events.errors import StaleFence, TaskcastError, Unavailable, VersionConflict
 from events.fold import View
 from events.ids import FenceToken, TaskId
-from events.kinds import KindSpec
+from events.kind import KindSpec, StepError, TaskCancelled
 from events.log import EventLog
 from events.model import EventType, NewEvent, Status
 from events.queue import Claim, Queue
@@ -60,24 +60,12 @@ class LeaseLost(Exception):
     """The worker no longer owns the task; it must stop and write nothing."""
 
 
-class StepError(Exception):
-    """Raised by a step to fail it with a message. A `retryable` one may run again."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-
-
-class TaskCancelled(Exception):
-    """Raised inside a kind when it looks at cancellation (`ctx.check_cancelled`)."""
-
-
 class _Parked(Exception):
     """The task asked a question and is parked until it is answered."""
 
 
-class TaskContext:
-    """What a kind's code sees of its task."""
+class RunContext:
+    """The runtime's TaskContext (events/kind.py): what a kind's code sees of its task."""
 
     def __init__(self, log_: EventLog, claim: Claim, *, worker: str, flush_s: float = 0.1,
                  lease_s: float = 30.0, workspace_root: str = "") -> None:
@@ -325,10 +313,10 @@ def deadline(view: View) -> float | None:
 
 async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: KindSpec, *, worker: str,
                     lease_s: float, cancel_grace_s: float = 5.0, workspace_root: str = "",
-                    on_context: Callable[[TaskContext | None], None] | None = None) -> Status | None:
+                    on_context: Callable[[RunContext | None], None] | None = None) -> Status | None:
     """Run a claimed task until its run ends (or its lease is lost). Returns the terminal
     status it wrote, or None (parked, retrying, lease lost)."""
-    ctx = TaskContext(log_, claim, worker=worker, lease_s=lease_s, workspace_root=workspace_root)
+    ctx = RunContext(log_, claim, worker=worker, lease_s=lease_s, workspace_root=workspace_root)
     if on_context is not None:
         on_context(ctx)
     try:
@@ -347,7 +335,7 @@ async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: KindSpec, 
             on_context(None)
 
 
-async def _fail_crashed(ctx: TaskContext, exc: Exception) -> Status | None:
+async def _fail_crashed(ctx: RunContext, exc: Exception) -> Status | None:
     """Write `task.failed` for a run whose runner crashed. Returns FAILED, or None when
     even that cannot be written (the lease is lost, or the task moved on)."""
     failed: dict[str, Any] = {"error": f"internal error in the worker: {_message(exc)}"[:1000]}
@@ -364,7 +352,7 @@ async def _fail_crashed(ctx: TaskContext, exc: Exception) -> Status | None:
     return Status.FAILED
 
 
-async def _run(ctx: TaskContext, queue: Queue, kind: KindSpec, lease_s: float,
+async def _run(ctx: RunContext, queue: Queue, kind: KindSpec, lease_s: float,
                cancel_grace_s: float) -> Status | None:
     if Status(ctx.view["status"]) in (Status.QUEUED, Status.RETRYING):
         await ctx.write([NewEvent(E.TASK_STARTED, {"worker": ctx.worker, "attempt": ctx.attempt})])
@@ -411,7 +399,7 @@ async def _run(ctx: TaskContext, queue: Queue, kind: KindSpec, lease_s: float,
         await asyncio.gather(main, beat, stop, return_exceptions=True)
 
 
-async def _finish(ctx: TaskContext, kind: KindSpec, main: asyncio.Task[Any]) -> Status | None:
+async def _finish(ctx: RunContext, kind: KindSpec, main: asyncio.Task[Any]) -> Status | None:
     exc = main.exception()
     if exc is None:
         await ctx.end([NewEvent(E.TASK_COMPLETED, {"result": main.result()})], job_state="done")
@@ -437,7 +425,7 @@ async def _finish(ctx: TaskContext, kind: KindSpec, main: asyncio.Task[Any]) -> 
     return Status.FAILED
 
 
-async def _cleanup(ctx: TaskContext, kind: KindSpec) -> None:
+async def _cleanup(ctx: RunContext, kind: KindSpec) -> None:
     assert kind.cleanup is not None
     try:
         async with asyncio.timeout(30):
@@ -453,10 +441,10 @@ async def cleanup_abandoned(log_: EventLog, view: View, kind: KindSpec, *, worke
     if kind.cleanup is None:
         return
     claim = Claim(TaskId(view["id"]), FenceToken(0), view.get("attempt", 1), True, view)
-    await _cleanup(TaskContext(log_, claim, worker=worker, workspace_root=workspace_root), kind)
+    await _cleanup(RunContext(log_, claim, worker=worker, workspace_root=workspace_root), kind)
 
 
-async def _heartbeat(ctx: TaskContext, queue: Queue, lease_s: float) -> None:
+async def _heartbeat(ctx: RunContext, queue: Queue, lease_s: float) -> None:
     """Extend the lease every third of it; bring back the cancel flag. Raises LeaseLost."""
     last_ok = time.monotonic()
     while True:

@@ -29,11 +29,11 @@ from events import db, decide, deps
 from events.aio import wait_event
 from events.errors import Conflict, NotFound, TaskcastError, Unavailable
 from events.ids import TaskId
-from events.kinds import KindSpec
+from events.kind import KindSpec
 from events.log import EventLog
 from events.model import Status
 from events.queue import Claim, Queue
-from events.runtime import TaskContext, cleanup_abandoned, run_claim
+from events.runtime import RunContext, cleanup_abandoned, run_claim
 from events.sql import q
 
 log = logging.getLogger("taskcast.worker")
@@ -67,7 +67,7 @@ class Worker:
         self._running: set[asyncio.Task[None]] = set()
         self._claims: dict[asyncio.Task[None], Claim] = {}
         self.draining = False
-        self._contexts: dict[TaskId, TaskContext] = {}
+        self._contexts: dict[TaskId, RunContext] = {}
         self._slot_free = asyncio.Event()
         self.listening = asyncio.Event()
         self._pruned_at = 0.0
@@ -183,7 +183,7 @@ class Worker:
             log.error("claimed %s of unknown kind %r", claim.task, claim.view.get("kind"))
             return
 
-        def track(ctx: TaskContext | None) -> None:
+        def track(ctx: RunContext | None) -> None:
             if ctx is None:
                 self._contexts.pop(claim.task, None)
             else:

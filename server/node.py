@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from events.aio import wait_event
 from events.errors import TaskcastError
-from events.kinds import KindSpec
+from events.kind import KindSpec
 from events.log import EventLog
 from server.fanout.receiver import Fanout
 from server.handlers.commands import handlers

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
-from events.kinds import KindSpec
+from events.kind import KindSpec
 from events.log import EventLog
 from events.projector import Projector
 from server.fanout.hub import Hub

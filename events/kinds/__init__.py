@@ -1,4 +1,5 @@
-"""Task kinds: async workflows of named steps. See `events.runtime.TaskContext` for the API.
+"""Task kinds: async workflows of named steps. The API is in `events.kind` (KindSpec,
+TaskContext); this package holds the built-in kinds.
 
 A kind is a `KindSpec`: its `run(ctx)` coroutine, an optional `cleanup(ctx)` run after a
 cancel or timeout, how many attempts a retryable failure gets, an optional `mutex`
@@ -18,35 +19,11 @@ serialized by the worker, which alone can see which paths name the same one
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
 
-if TYPE_CHECKING:
-    from events.runtime import TaskContext
+from events.kind import KindSpec, TaskContext, as_kind
 
-Run = Callable[["TaskContext"], Coroutine[Any, Any, Any]]
-Cleanup = Callable[["TaskContext"], Awaitable[None]]
-Validate = Callable[[Mapping[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class KindSpec:
-    name: str
-    run: Run
-    cleanup: Cleanup | None = None
-    max_attempts: int = 3
-    mutex: Callable[[dict[str, Any]], str | None] | None = None
-    validate: Validate | None = None  # pure; raises BadRequest naming the input field
-
-
-def as_kind(name: str, obj: object) -> KindSpec:
-    """A KindSpec from a plugin's attribute. Raises TypeError."""
-    if isinstance(obj, KindSpec):
-        return obj
-    if callable(obj):
-        return KindSpec(name, obj)
-    raise TypeError(f"{name} is neither a KindSpec nor an async function")
+__all__ = ["KindSpec", "TaskContext", "as_kind", "builtin"]
 
 
 def builtin(shell_allow: Sequence[str] = (), *, clone_roots: Sequence[str] = ()) -> dict[str, KindSpec]:

@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from events.errors import BadRequest
-from events.kinds import KindSpec
-from events.runtime import StepError, TaskContext
+from events.kind import KindSpec, StepError, TaskContext
 
 
 def _int(input_: Mapping[str, Any], name: str, default: int | None, high: int) -> int | None:

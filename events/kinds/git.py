@@ -35,8 +35,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from events.errors import BadRequest
-from events.kinds import KindSpec, proc, repolock, workspace
-from events.runtime import StepError, TaskContext
+from events.kind import KindSpec, StepError, TaskContext
+from events.kinds import proc, repolock, workspace
 
 # English messages to parse, and never a prompt or an editor waiting on a terminal.
 GIT_ENV = {"LC_ALL": "C", "LANGUAGE": "C", "GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true",

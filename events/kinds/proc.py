@@ -30,7 +30,7 @@ from typing import TypeVar
 import psutil
 
 from events import attempt, reaper
-from events.runtime import TaskCancelled
+from events.kind import TaskCancelled
 
 TERM_GRACE_S = 1.0  # from SIGTERM to SIGKILL on cancel (on SIGTERM git removes its lock files)
 LINE_MAX_CHARS = 2000  # a longer line is cut: output is bounded whatever a process prints

@@ -47,9 +47,9 @@ from typing import Any
 import psutil
 
 from events.errors import BadRequest
-from events.kinds import KindSpec, proc, sandbox, workspace
+from events.kind import KindSpec, StepError, TaskContext
+from events.kinds import proc, sandbox, workspace
 from events.kinds.agent import EXIT_BUSY, STATE_FILE
-from events.runtime import StepError, TaskContext
 
 AGENT = (sys.executable, "-m", "events.kinds.agent")
 MARKER = ".taskcast-task"  # which task created the workspace

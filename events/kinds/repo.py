@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from events.errors import BadRequest
-from events.kinds import KindSpec, proc, repolock, workspace
+from events.kind import KindSpec, StepError, TaskContext
+from events.kinds import proc, repolock, workspace
 from events.kinds.git import Meter, git, input_path, name, ref_name
-from events.runtime import StepError, TaskContext
 
 log = logging.getLogger("taskcast.kinds.repo")
 

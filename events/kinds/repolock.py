@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 
 from events import db
-from events.runtime import StepError, TaskContext
+from events.kind import StepError, TaskContext
 from events.sql import parse
 
 LOCK_POLL_S = 0.05

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from events.errors import BadRequest
-from events.kinds import KindSpec, proc, workspace
-from events.runtime import StepError, TaskContext
+from events.kind import KindSpec, StepError, TaskContext
+from events.kinds import proc, workspace
 
 MAX_ARGS = 1000
 MAX_ARG_CHARS = 10_000

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from events.errors import BadRequest
-from events.runtime import StepError
+from events.kind import StepError
 
 MAX_PATH_CHARS = 1024
 SLUG_CHARS = 40

@@ -273,3 +273,14 @@ async def test_a_forged_list_cursor_is_bad_request(launch: Launch) -> None:
         cursor = base64.urlsafe_b64encode(orjson.dumps(inner)).decode()
         answer = await client.request({"type": "list", "cursor": cursor})
         assert answer["code"] == "bad_request" and "`cursor`" in answer["message"], answer
+
+
+async def test_a_kinds_validator_refuses_its_input_before_the_ack(launch: Launch) -> None:
+    """An input the kind can never run is `bad_request` naming the input's field, at once:
+    no task is created."""
+    process = await launch(workers=0, relay=False)
+    client = await Client.open(ws_url(process))
+    for bad in ({"steps": 5000}, {"steps": "three"}, {"step_ms": -1}):
+        answer = await client.request({"type": "create", "kind": "demo", "scope": "p", "input": bad})
+        assert answer["code"] == "bad_request" and "input." in answer["message"], answer
+    assert (await client.request({"type": "list"}))["data"]["tasks"] == []

@@ -101,9 +101,9 @@ class Relay:
         row = await conn.fetchrow(q("relay_cursor"))
         cursor = position(row["xid"], row["seq"]) if row else await self.log.head()
         saved, last_publish, last_save = cursor, 0.0, time.monotonic()
-        # A notification whose events are not readable yet (an older transaction, in any
-        # database of the server, holds the snapshot's xmin back) is retried quickly, with
-        # a doubling delay, instead of waiting for the next poll.
+        # A notification whose events are not readable yet (an older taskcast writer is
+        # still in flight and holds the read bound, events/bound.py) is retried quickly,
+        # with a doubling delay, instead of waiting for the next poll.
         notified, misses = False, 0
         self.leading.set()
         while not conn.is_closed():

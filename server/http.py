@@ -18,11 +18,15 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from events.bound import Bound
+from events.errors import Unavailable
+
 if TYPE_CHECKING:
     from server.node import Node
 
 STATIC_DIR = Path(__file__).parent / "static"
 READY_WITHIN_S = 3.0  # the relay publishes at least every second
+BOUND_WITHIN_S = 1.0  # /metrics answers without the read-bound lines rather than wait longer
 
 
 class Http:
@@ -46,7 +50,14 @@ class Http:
                             status_code=200 if all(checks.values()) else 503)
 
     async def metrics(self, request: Request) -> Response:
-        return PlainTextResponse(self.node.metrics.render(self.node),
+        bound: tuple[Bound, int] | None = None
+        try:
+            async with asyncio.timeout(BOUND_WITHIN_S):
+                now = await self.node.log.bound()
+                bound = now, await self.node.log.events_behind(now)
+        except (Unavailable, TimeoutError):
+            pass  # PostgreSQL is down or slow: the other lines still answer
+        return PlainTextResponse(self.node.metrics.render(self.node, bound),
                                  media_type="text/plain; version=0.0.4")
 
     async def respond(self, method: str, target: str, raw_head: bytes) -> bytes:
@@ -115,7 +126,8 @@ class Metrics:
             if seconds <= bound:
                 self.ack_buckets[i] += 1
 
-    def render(self, node: Node) -> str:
+    def render(self, node: Node, read_bound: tuple[Bound, int] | None = None) -> str:
+        """The text format; `read_bound` is the log's read bound and the events it holds back."""
         lines = [
             "# TYPE taskcast_connections gauge",
             f"taskcast_connections {len(node.connections)}",
@@ -143,4 +155,23 @@ class Metrics:
         lines += [f'taskcast_ack_seconds_bucket{{le="+Inf"}} {self.acks}',
                   f"taskcast_ack_seconds_sum {self.ack_seconds}",
                   f"taskcast_ack_seconds_count {self.acks}"]
+        if read_bound is not None:
+            lines += bound_lines(*read_bound)
         return "\n".join(lines) + "\n"
+
+
+def bound_lines(bound: Bound, behind: int) -> list[str]:
+    """How far the log's read bound is behind the head, and which taskcast writer holds it
+    (invariant 10: only those can). The holder's gauges are 0 while nothing holds it;
+    the cluster xmin lag is what v1's bound would lag (foreign transactions included)."""
+    holder = bound.holder
+    gauges = [
+        ("taskcast_read_bound_lag_xids", bound.lag_xids),
+        ("taskcast_read_bound_events_behind", behind),
+        ("taskcast_read_bound_writers", len(bound.writers)),
+        ("taskcast_read_bound_holder_age_seconds", f"{holder.age_s:.3f}" if holder else 0),
+        ("taskcast_read_bound_holder_pid", holder.pid if holder else 0),
+        ("taskcast_read_bound_holder_xid", holder.xid if holder else 0),
+        ("taskcast_cluster_xmin_lag_xids", bound.head - bound.cluster_xmin),
+    ]
+    return [line for name, value in gauges for line in (f"# TYPE {name} gauge", f"{name} {value}")]

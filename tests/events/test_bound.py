@@ -3,6 +3,9 @@ writer delays only what comes after it (invariant 4)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import asyncpg
 import pytest
 
@@ -14,6 +17,7 @@ from events.ids import TaskId
 from events.log import CreateTask, EventLog
 from events.model import EventType, NewEvent
 from events.sql import q
+from server.process import Process
 from tests.foreign import foreign_write, foreign_writes
 
 E = EventType
@@ -146,3 +150,48 @@ async def test_the_bound_refuses_repeatable_read(database_url: str) -> None:
         assert raised.value.sqlstate == "TCW02"
     finally:
         await conn.close()
+
+
+async def test_metrics_show_the_bound_lag_and_the_writer_holding_it(
+        launch: Callable[..., Awaitable[Process]], database_url: str) -> None:
+    """/metrics says how far the bound is behind the head and which taskcast writer holds it
+    (pid, xid, age), and that foreign transactions only move the cluster's xmin."""
+    process = await launch(workers=0)
+    log = process.log
+    held, later = [(await log.create(CreateTask("demo", "p"))).task for _ in range(2)]
+    stalled = await db.connect(database_url)
+    try:
+        async with foreign_writes(database_url):
+            await _begin_append(stalled, log, held)
+            xid = int(await stalled.fetchval("SELECT pg_current_xact_id()::text"))
+            await log.append(later, await log.view(later), [NewEvent(E.TASK_STARTED, {})])
+            gauges = _gauges(await _get(process.settings.port, "/metrics"))
+            assert gauges["taskcast_read_bound_holder_pid"] == stalled.get_server_pid()
+            assert gauges["taskcast_read_bound_holder_xid"] == xid
+            assert gauges["taskcast_read_bound_holder_age_seconds"] > 0
+            assert gauges["taskcast_read_bound_events_behind"] == 1
+            assert gauges["taskcast_read_bound_lag_xids"] >= 2  # the stalled one and `later`
+            assert gauges["taskcast_cluster_xmin_lag_xids"] > gauges["taskcast_read_bound_lag_xids"]
+            await stalled.execute("ROLLBACK")
+            gauges = _gauges(await _get(process.settings.port, "/metrics"))
+            assert gauges["taskcast_read_bound_holder_pid"] == 0
+            assert gauges["taskcast_read_bound_events_behind"] == 0
+    finally:
+        await stalled.close()
+
+
+async def _get(port: int, path: str) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            data = await reader.read()
+    finally:
+        writer.close()
+    return data.decode().partition("\r\n\r\n")[2]
+
+
+def _gauges(text: str) -> dict[str, float]:
+    return {name: float(value) for name, _, value in
+            (line.partition(" ") for line in text.splitlines() if line and not line.startswith("#"))
+            if "{" not in name}

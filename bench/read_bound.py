@@ -31,6 +31,7 @@ from pathlib import Path
 import asyncpg
 import uvloop
 from benchlib import ADMIN_URL, StepTask, foreign_transaction, percentile, running_tasks
+from subprocs import cancel_on_sigterm
 
 from events import db
 from events.ids import Position
@@ -157,6 +158,7 @@ async def external_wal_level() -> str:
 
 
 async def main() -> None:
+    cancel_on_sigterm()
     print(f"the benchmark server: {await external_wal_level()}")
     with tempfile.TemporaryDirectory(prefix="taskcast-bound-") as root:
         pg = await asyncio.to_thread(start_postgres, Path(root) / "pg")

@@ -174,7 +174,7 @@ class EventLog:
     async def bound(self) -> Bound:
         """The read bound now, and what holds it (for /metrics). Raises Unavailable."""
         async with db.acquire(self.pool) as conn:
-            return await _bound(conn)
+            return await bound_on(conn)
 
     async def read_after(self, after: Position = ZERO, *, task: TaskId | None = None,
                          scope: str | None = None, limit: int = READ_PAGE) -> list[Event]:
@@ -184,7 +184,7 @@ class EventLog:
         xid, seq = split(after)
         async with db.acquire(self.pool) as conn:
             # Two statements: the read's snapshot must be taken after the bound was read.
-            bound = (await _bound(conn)).xid
+            bound = (await bound_on(conn)).xid
             if task is not None:
                 rows = await conn.fetch(q("read_after_task"), xid, seq, limit, task, bound)
             elif scope is not None:
@@ -196,7 +196,7 @@ class EventLog:
     async def head(self) -> Position:
         """The position of the newest event every reader can see."""
         async with db.acquire(self.pool) as conn:
-            bound = (await _bound(conn)).xid
+            bound = (await bound_on(conn)).xid
             row = await conn.fetchrow(q("head"), bound)
         return ZERO if row is None else position(row["xid"], row["seq"])
 
@@ -243,8 +243,12 @@ class EventLog:
         return ZERO if row is None else position(row["xid"], row["seq"])
 
 
-async def _bound(conn: asyncpg.Connection) -> Bound:
-    """Read `taskcast_writers()` (x0 first, then the writers in flight) into a Bound."""
+async def bound_on(conn: asyncpg.Connection) -> Bound:
+    """Read `taskcast_writers()` (x0 first, then the writers in flight) into a Bound.
+
+    Read events below it in a snapshot taken afterwards: a later statement (READ COMMITTED),
+    or a REPEATABLE READ transaction begun afterwards. Inside a REPEATABLE READ transaction,
+    whose snapshot would be older, it raises (asyncpg's error, SQLSTATE TCW02)."""
     rows = await conn.fetch(q("writers"))
     return compute(rows[0]["x0"], rows[0]["cluster_xmin"],
                    ((r["pid"], r["xid"], r["age_s"]) for r in rows))

@@ -11,9 +11,9 @@ Why not logical decoding (the other way issue 11 names): it needs wal_level=logi
 external servers often lack (the machine's PostgreSQL 15 has `replica`; changing it takes a
 restart), and asyncpg has no replication protocol, so it would be polled through
 pg_logical_slot_get_changes, which re-decodes the WAL from the slot's restart point, held
-back by any open transaction: measured (bench/read_bound.py, PG 18, 400 events/s), a call
-cost 1.5 ms quiet and 5.5 ms with a foreign transaction open (announce: 0.55 ms either way),
-and delivery p99 went 7.4 -> 14.8 ms (announce: 2.9 -> 2.7 ms).
+back by any open transaction: measured (bench/read_bound.py, PG 18, 400 events/s, medians
+of 3), a call cost 1.55 ms quiet and 4.9 ms with a foreign transaction open (announce:
+0.55 ms either way), and delivery p99 went 6.8 -> 14.8 ms (announce: 4.7 -> 2.7 ms).
 
 Pure: turning the writers' 32-bit ids into xid8 and picking the bound, tested directly.
 """

@@ -128,3 +128,34 @@ def start_waker(redis: Redis, channel: str) -> Waker:
 
 
 _wakers: list[asyncio.Task[None]] = []
+
+
+@asynccontextmanager
+async def foreign_transaction(url: str, *, open_s: float = 30.0) -> AsyncIterator[None]:
+    """What the application beside taskcast does: `BEGIN; INSERT ...` on `url`, left open for
+    the block, then COMMIT. PostgreSQL ends it after `open_s` in any case."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("CREATE TABLE IF NOT EXISTS app_orders (id bigserial PRIMARY KEY, note text)")
+        await conn.execute(f"SET idle_in_transaction_session_timeout = '{int(open_s * 1000)}ms'")
+        await conn.execute("BEGIN")
+        await conn.execute("INSERT INTO app_orders (note) VALUES ('a long batch job')")
+        yield
+        await conn.execute("COMMIT")
+    finally:
+        await conn.close(timeout=5)
+
+
+@asynccontextmanager
+async def app_database(label: str) -> AsyncIterator[str]:
+    """Another, unmigrated database on the same server (the application's); dropped on exit."""
+    name = unique(f"bench_{label}_app")
+    admin = await asyncpg.connect(ADMIN_URL)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield urlunsplit(urlsplit(ADMIN_URL)._replace(path="/" + name))
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()

@@ -6,9 +6,9 @@ is matched by position to the time the message containing it was read from the
 subscription. The commit happens between append() being called and it returning, so the
 latency is printed from both: an upper and a lower bound.
 
-The relay reads only events below the oldest transaction id still running on the whole
-PostgreSQL cluster, so write transactions of other databases delay it; the script samples
-how often there were any.
+The relay reads only events below the oldest taskcast writer in flight (events/bound.py):
+write transactions of other databases, or foreign ones in this database, no longer delay
+it. The script still samples how often other databases had any, as a note on the machine.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ async def main() -> None:
     print(f"  events per Redis message: median {statistics.median(received.sizes):g}, "
           f"max {max(received.sizes)}; not received within {DRAIN_S:g} s: {missing}")
     print(f"  other databases had open write transactions in {sum(n > 0 for n in others)} of "
-          f"{len(others)} samples (every {SAMPLE_S * 1000:g} ms); the relay waits for those too")
+          f"{len(others)} samples (every {SAMPLE_S * 1000:g} ms); they do not bound the relay's read")
     print("  includes the Redis round trip to the subscriber (publish -> deliver), and relay, "
           "writers and subscriber share one event loop")
 

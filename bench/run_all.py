@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("append.py", "relay_latency.py", "ack_latency.py", "idle_memory.py", "fanout.py",
-           "latency_fanout.py", "tasks.py")
+           "latency_fanout.py", "tasks.py", "read_bound.py")
 TIMEOUT_S = 120  # each script stops itself within 90 s; this only catches a hang
 STOP_GRACE_S = 20
 

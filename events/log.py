@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from events import db
+from events.bound import Bound, bound_on
 from events.clock import Clock, SystemClock, iso
 from events.decide import Decision
 from events.errors import DuplicateKey, NotFound, VersionConflict
@@ -186,25 +187,39 @@ class EventLog:
             rows = await conn.fetch(q("task_scopes"), list(tasks))
         return {TaskId(r["id"]): r["scope"] for r in rows}
 
+    async def bound(self) -> Bound:
+        """The read bound now, and what holds it (for /metrics). Raises Unavailable."""
+        async with db.acquire(self.pool) as conn:
+            return await bound_on(conn)
+
     async def read_after(self, after: Position = ZERO, *, task: TaskId | None = None,
                          scope: str | None = None, limit: int = READ_PAGE) -> list[Event]:
         """Up to `limit` events after `after`, in position order, that no later commit can
-        precede: a reader that continues from the last one returned never skips an event."""
+        precede: a reader that continues from the last one returned never skips an event.
+        Only taskcast's own writers in flight hold it back (invariant 10)."""
         xid, seq = split(after)
         async with db.acquire(self.pool) as conn:
+            # Two statements: the read's snapshot must be taken after the bound was read.
+            bound = (await bound_on(conn)).xid
             if task is not None:
-                rows = await conn.fetch(q("read_after_task"), xid, seq, limit, task)
+                rows = await conn.fetch(q("read_after_task"), xid, seq, limit, task, bound)
             elif scope is not None:
-                rows = await conn.fetch(q("read_after_scope"), xid, seq, limit, scope)
+                rows = await conn.fetch(q("read_after_scope"), xid, seq, limit, scope, bound)
             else:
-                rows = await conn.fetch(q("read_after"), xid, seq, limit)
+                rows = await conn.fetch(q("read_after"), xid, seq, limit, bound)
         return [event_from_row(r) for r in rows]
 
     async def head(self) -> Position:
         """The position of the newest event every reader can see."""
         async with db.acquire(self.pool) as conn:
-            row = await conn.fetchrow(q("head"))
+            bound = (await bound_on(conn)).xid
+            row = await conn.fetchrow(q("head"), bound)
         return ZERO if row is None else position(row["xid"], row["seq"])
+
+    async def events_behind(self, bound: Bound, *, at_most: int = 10_000) -> int:
+        """How many committed events `bound` holds back (up to `at_most`), for /metrics."""
+        async with db.acquire(self.pool) as conn:
+            return int(await conn.fetchval(q("events_behind"), bound.xid, at_most))
 
     async def history(self, task: TaskId, after_version: int = 0,
                       limit: int = READ_PAGE) -> list[Event]:

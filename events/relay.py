@@ -108,9 +108,9 @@ class Relay:
             cursor = await self.log.head()
             await conn.execute(q("save_relay_cursor"), *split(cursor))
         saved, last_publish, last_save = cursor, 0.0, time.monotonic()
-        # A notification whose events are not readable yet (an older transaction, in any
-        # database of the server, holds the snapshot's xmin back) is retried quickly, with
-        # a doubling delay, instead of waiting for the next poll.
+        # A notification whose events are not readable yet (an older taskcast writer is
+        # still in flight and holds the read bound, events/bound.py) is retried quickly,
+        # with a doubling delay, instead of waiting for the next poll.
         notified, misses = False, 0
         self.leading.set()
         while not conn.is_closed():

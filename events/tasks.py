@@ -10,6 +10,7 @@ import asyncpg
 import orjson
 
 from events import db
+from events.bound import bound_on
 from events.errors import BadRequest
 from events.fold import View
 from events.ids import ZERO, Position, encode, position
@@ -68,11 +69,15 @@ async def list_tasks(pool: asyncpg.Pool, query: TaskQuery) -> Page:
         raise BadRequest(f"`limit` must be 1..{MAX_LIST}")
     after_at, after_id = _decode_cursor(query.cursor) if query.cursor else (None, None)
     patterns = None if query.scope_patterns is None else [like(p) for p in query.scope_patterns]
-    async with db.acquire(pool) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        head_row = await conn.fetchrow(q("head"))
-        rows = await conn.fetch(
-            q("list_tasks"), query.scope, list(query.statuses) if query.statuses else None,
-            query.kind, query.label, patterns, after_at, after_id, query.limit + 1)
+    async with db.acquire(pool) as conn:
+        # The read bound first, in a statement of its own: the snapshot below is taken after
+        # it, so every event below the bound is in that snapshot (invariants 4 and 10).
+        bound = await bound_on(conn)
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            head_row = await conn.fetchrow(q("head"), bound.xid)
+            rows = await conn.fetch(
+                q("list_tasks"), query.scope, list(query.statuses) if query.statuses else None,
+                query.kind, query.label, patterns, after_at, after_id, query.limit + 1)
     head = ZERO if head_row is None else position(head_row["xid"], head_row["seq"])
     views: list[View] = []
     for row in rows[:query.limit]:

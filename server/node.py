@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events.aio import wait_event
+from events.bound import Bound
 from events.errors import TaskcastError
 from events.kind import KindSpec
 from events.log import EventLog
@@ -26,6 +27,7 @@ from server.transport.metrics import Metrics
 log = logging.getLogger("taskcast.node")
 
 SHUTDOWN_GRACE_S = 5.0
+BOUND_WITHIN_S = 1.0  # /metrics answers without the read-bound lines rather than wait longer
 
 
 class Node:
@@ -37,8 +39,7 @@ class Node:
         self.services = services = Services(settings, log_, kinds, handlers())
         self.redis = redis
         self.fanout = Fanout(redis, settings.channel, services.hub, log_, services.projector)
-        services.http = Http(lambda: self.services.settings, self.readiness,
-                             lambda: services.metrics.render(services, self.fanout))
+        services.http = Http(lambda: self.services.settings, self.readiness, self.render_metrics)
         self.server: asyncio.Server | None = None
         self._loops: list[asyncio.Task[None]] = []
         self.failed = asyncio.Event()  # a background loop died: the process should stop
@@ -102,6 +103,18 @@ class Node:
             except TimeoutError:
                 log.warning("the listener did not close in time")
             self.server = None
+
+    async def render_metrics(self) -> str:
+        """/metrics, with the log's read bound when PostgreSQL answers within BOUND_WITHIN_S
+        (otherwise the other lines still answer)."""
+        bound: tuple[Bound, int] | None = None
+        try:
+            async with asyncio.timeout(BOUND_WITHIN_S):
+                now = await self.services.log.bound()
+                bound = now, await self.services.log.events_behind(now)
+        except (TaskcastError, TimeoutError):
+            pass
+        return self.services.metrics.render(self.services, self.fanout, bound)
 
     async def readiness(self) -> dict[str, bool]:
         """PostgreSQL answers, and relay messages actually arrive here through Redis."""

@@ -1,12 +1,18 @@
 -- Named queries, loaded once by events/sql.py. Each starts with `-- name: <name>`.
--- Positions are (xid, seq) pairs; "after P" reads only rows below the snapshot's xmin, so a
--- transaction that commits later can never land behind a position already read (invariant 4).
+-- Positions are (xid, seq) pairs; "after P" reads only rows below the bound that `writers`
+-- gave just before (events/bound.py): a taskcast transaction that commits later can never land
+-- behind a position already read (invariant 4), and nothing else on the server holds the
+-- read back (invariant 10). Each read is its own statement, so its snapshot is taken after
+-- `writers` ran: that order is what makes the bound safe.
+
+-- name: writers
+SELECT x0, cluster_xmin, pid, xid, age_s FROM taskcast_writers();
 
 -- name: read_after
 SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at
   FROM events AS e
  WHERE (e.xid, e.seq) > ($1::xid8, $2::bigint)
-   AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
+   AND e.xid < $4::xid8
  ORDER BY e.xid, e.seq
  LIMIT $3;
 
@@ -15,7 +21,7 @@ SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at
   FROM events AS e
  WHERE e.scope = $4
    AND (e.xid, e.seq) > ($1::xid8, $2::bigint)
-   AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
+   AND e.xid < $5::xid8
  ORDER BY e.xid, e.seq
  LIMIT $3;
 
@@ -24,16 +30,20 @@ SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at
   FROM events AS e
  WHERE e.task_id = $4
    AND (e.xid, e.seq) > ($1::xid8, $2::bigint)
-   AND e.xid < pg_snapshot_xmin(pg_current_snapshot())
+   AND e.xid < $5::xid8
  ORDER BY e.version
  LIMIT $3;
 
 -- name: head
 SELECT e.xid, e.seq
   FROM events AS e
- WHERE e.xid < pg_snapshot_xmin(pg_current_snapshot())
+ WHERE e.xid < $1::xid8
  ORDER BY e.xid DESC, e.seq DESC
  LIMIT 1;
+
+-- name: events_behind
+-- Committed events the bound still holds back (at most $2 counted), for /metrics.
+SELECT count(*) FROM (SELECT 1 FROM events AS e WHERE e.xid >= $1::xid8 LIMIT $2) AS behind;
 
 -- name: history
 SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at

@@ -28,7 +28,7 @@ Readiness = Callable[[], Awaitable[dict[str, bool]]]
 
 class Http:
     def __init__(self, settings: Callable[[], Settings], readiness: Readiness,
-                 metrics: Callable[[], str]) -> None:
+                 metrics: Callable[[], Awaitable[str]]) -> None:
         self.settings = settings
         self.readiness = readiness
         self.render_metrics = metrics
@@ -50,7 +50,7 @@ class Http:
                             status_code=200 if all(checks.values()) else 503)
 
     async def metrics(self, request: Request) -> Response:
-        return PlainTextResponse(self.render_metrics(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(await self.render_metrics(), media_type="text/plain; version=0.0.4")
 
     async def respond(self, method: str, target: str, raw_head: bytes) -> bytes:
         """Run one request through the ASGI app; the raw HTTP/1.1 response."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from events.bound import Bound
 from events.projector import Projector
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ class Metrics:
             if seconds <= bound:
                 self.ack_buckets[i] += 1
 
-    def render(self, services: Services, fanout: Fanout) -> str:
+    def render(self, services: Services, fanout: Fanout,
+               read_bound: tuple[Bound, int] | None = None) -> str:
+        """The text format; `read_bound` is the log's read bound and the events it holds back."""
         lines = [
             "# TYPE taskcast_connections gauge",
             f"taskcast_connections {len(services.connections)}",
@@ -71,4 +74,23 @@ class Metrics:
         lines += [f'taskcast_ack_seconds_bucket{{le="+Inf"}} {self.acks}',
                   f"taskcast_ack_seconds_sum {self.ack_seconds}",
                   f"taskcast_ack_seconds_count {self.acks}"]
+        if read_bound is not None:
+            lines += bound_lines(*read_bound)
         return "\n".join(lines) + "\n"
+
+
+def bound_lines(bound: Bound, behind: int) -> list[str]:
+    """How far the log's read bound is behind the head, and which taskcast writer holds it
+    (invariant 10: only those can). The holder's gauges are 0 while nothing holds it;
+    the cluster xmin lag is what v1's bound would lag (foreign transactions included)."""
+    holder = bound.holder
+    gauges = [
+        ("taskcast_read_bound_lag_xids", bound.lag_xids),
+        ("taskcast_read_bound_events_behind", behind),
+        ("taskcast_read_bound_writers", len(bound.writers)),
+        ("taskcast_read_bound_holder_age_seconds", f"{holder.age_s:.3f}" if holder else 0),
+        ("taskcast_read_bound_holder_pid", holder.pid if holder else 0),
+        ("taskcast_read_bound_holder_xid", holder.xid if holder else 0),
+        ("taskcast_cluster_xmin_lag_xids", bound.head - bound.cluster_xmin),
+    ]
+    return [line for name, value in gauges for line in (f"# TYPE {name} gauge", f"{name} {value}")]

@@ -18,6 +18,7 @@ from events.log import CreateTask, EventLog
 from events.model import EventType, NewEvent
 from events.queue import Queue
 from events.sql import q
+from tests.foreign import foreign_writes
 from tests.waiting import eventually_async
 
 E = EventType
@@ -42,38 +43,39 @@ async def _append_slowly(conn: asyncpg.Connection, log: EventLog, task: TaskId, 
 async def test_a_naive_sequence_reader_skips_a_late_commit_and_the_log_reader_does_not(
         event_log: EventLog, database_url: str) -> None:
     """Invariant 4: a transaction that takes a sequence number first but commits last is
-    skipped by `seq > P`, and never by the log's xmin-bounded read."""
+    skipped by `seq > P`, never by the log's bounded read, which meanwhile waits for nothing
+    else: foreign write transactions (this database, another one) stay open throughout."""
     a, b = await _created(event_log, 2)
     cursor = max([(await event_log.history(t))[-1].position for t in (a, b)])
     naive_cursor = await _max_seq(database_url)
     slow, fast = await db.connect(database_url), await db.connect(database_url)
     try:
-        view_a, view_b = await event_log.view(a), await event_log.view(b)
-        started = NewEvent(E.TASK_STARTED, {})
-        slow_commit = asyncio.create_task(_append_slowly(slow, event_log, a, view_a, started, 0.5))
-        await asyncio.sleep(0.1)  # a holds the smaller seq, uncommitted
-        await _append_slowly(fast, event_log, b, view_b, started, 0)
+        async with foreign_writes(database_url):
+            view_a, view_b = await event_log.view(a), await event_log.view(b)
+            started = NewEvent(E.TASK_STARTED, {})
+            slow_commit = asyncio.create_task(_append_slowly(slow, event_log, a, view_a, started, 0.5))
+            await eventually_async(lambda: _writing(event_log), within=5, poll_s=0.01)
+            await _append_slowly(fast, event_log, b, view_b, started, 0)
 
-        naive_seen = await _naive_read(database_url, naive_cursor)
-        log_seen = await event_log.read_after(cursor)
-        assert [r["task_id"] for r in naive_seen] == [b]  # b is visible, a not yet
-        assert log_seen == []  # the log reader waits: a's xid is below b's and still open
-        naive_cursor = max(r["seq"] for r in naive_seen)
+            naive_seen = await _naive_read(database_url, naive_cursor)
+            log_seen = await event_log.read_after(cursor)
+            assert [r["task_id"] for r in naive_seen] == [b]  # b is visible, a not yet
+            assert log_seen == []  # the log reader waits: a's xid is below b's and still open
+            naive_cursor = max(r["seq"] for r in naive_seen)
 
-        await slow_commit
-        naive_later = await _naive_read(database_url, naive_cursor)
-        assert naive_later == []  # a's event is behind the naive cursor: lost for good
-        log_later: list[Any] = []
-
-        async def readable() -> bool:  # (another transaction on the server may hold xmin)
-            log_later[:] = await event_log.read_after(cursor)
-            return len(log_later) == 2
-
-        await eventually_async(readable)
-        assert [e.task for e in log_later] == [a, b]
+            await slow_commit
+            naive_later = await _naive_read(database_url, naive_cursor)
+            assert naive_later == []  # a's event is behind the naive cursor: lost for good
+            # Both at once, with the foreign transactions still open (invariant 10).
+            assert [e.task for e in await event_log.read_after(cursor)] == [a, b]
     finally:
         await slow.close()
         await fast.close()
+
+
+async def _writing(log: EventLog, count: int = 1) -> bool:
+    """Whether `count` taskcast writers are in flight with a transaction id."""
+    return sum(w.xid is not None for w in (await log.bound()).writers) >= count
 
 
 async def _max_seq(url: str) -> int:
@@ -94,8 +96,9 @@ async def _naive_read(url: str, after_seq: int) -> list[asyncpg.Record]:
 
 
 async def test_eight_concurrent_writers_and_a_tailing_reader(event_log: EventLog, database_url: str) -> None:
-    """Invariant 4 under load: 8 writers with random delays before commit; a reader tailing
-    "after P" sees every committed event exactly once, each task's versions in order."""
+    """Invariants 4 and 10 under load: 8 writers with random delays before commit; a reader
+    tailing "after P" sees every committed event exactly once, each task's versions in order,
+    all while foreign write transactions (this database, another one) stay open."""
     tasks = await _created(event_log, 8)
     # Start after the creates (head() could be older: it stops below any open transaction).
     start = max([(await event_log.history(t))[-1].position for t in tasks])
@@ -119,7 +122,7 @@ async def test_eight_concurrent_writers_and_a_tailing_reader(event_log: EventLog
 
     async def reader() -> None:
         # Tails until it has read the newest event written (an empty read only means that
-        # some transaction, anywhere on the server, still holds the snapshot's xmin back).
+        # a taskcast writer older than the next event is still in flight).
         cursor = start
         while not (last.done() and cursor >= last.result()):
             events = await event_log.read_after(cursor, limit=50)
@@ -129,18 +132,19 @@ async def test_eight_concurrent_writers_and_a_tailing_reader(event_log: EventLog
             else:
                 await asyncio.sleep(0.002)
 
-    tail = asyncio.create_task(reader())
-    await asyncio.gather(*(writer(t) for t in tasks))
-    conn = await asyncpg.connect(database_url)
-    try:
-        xid, seq = split(start)
-        rows = await conn.fetch("SELECT xid, seq FROM events WHERE (xid, seq) > ($1::xid8, $2) "
-                                "ORDER BY xid, seq", xid, seq)
-        written = [position(r["xid"], r["seq"]) for r in rows]
-    finally:
-        await conn.close()
-    last.set_result(written[-1])
-    await asyncio.wait_for(tail, 30)
+    async with foreign_writes(database_url):
+        tail = asyncio.create_task(reader())
+        await asyncio.gather(*(writer(t) for t in tasks))
+        conn = await asyncpg.connect(database_url)
+        try:
+            xid, seq = split(start)
+            rows = await conn.fetch("SELECT xid, seq FROM events WHERE (xid, seq) > ($1::xid8, $2) "
+                                    "ORDER BY xid, seq", xid, seq)
+            written = [position(r["xid"], r["seq"]) for r in rows]
+        finally:
+            await conn.close()
+        last.set_result(written[-1])
+        await asyncio.wait_for(tail, 10)  # caught up before the foreign transactions commit
     positions = [e.position for e in seen]
     assert positions == written  # every event, once, in position order
     assert len(written) == 8 * 26

@@ -11,7 +11,8 @@ from events.migrate import MIGRATIONS_DIR, ChecksumMismatch, migrate
 
 
 async def test_the_migrated_schema_has_the_expected_tables_and_functions(database_url: str) -> None:
-    """Migrating an empty database yields the log, the projection, the queue and the keys."""
+    """Migrating an empty database yields the log, the projection, the queue, the keys and the
+    writers' announcement (invariant 10)."""
     conn = await asyncpg.connect(database_url)
     try:
         tables = {r["tablename"] for r in await conn.fetch(
@@ -20,12 +21,16 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
             "SELECT proname FROM pg_proc WHERE proname LIKE 'taskcast_%'")}
         columns = {r["column_name"]: r["data_type"] for r in await conn.fetch(
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'events'")}
+        triggers = {r["tgname"] for r in await conn.fetch(
+            "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")}
     finally:
         await conn.close()
     assert tables == {"tasks", "events", "jobs", "command_keys", "relay_cursor", "retention",
                       "taskcast_migrations"}
-    assert functions == {"taskcast_append", "taskcast_create", "taskcast_claim", "taskcast_remember_key"}
+    assert functions == {"taskcast_append", "taskcast_create", "taskcast_claim", "taskcast_remember_key",
+                         "taskcast_announce", "taskcast_events_announced", "taskcast_writers"}
     assert columns["xid"] == "xid8" and columns["data"] == "jsonb"
+    assert triggers == {"events_announced"}
 
 
 async def test_migrating_twice_applies_nothing(database_url: str) -> None:

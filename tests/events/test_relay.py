@@ -16,9 +16,11 @@ from redis.asyncio import Redis
 
 from events.ids import Position
 from events.log import CreateTask, EventLog
+from events.relay import Relay, RelayConfig
 from events.wire import decode_batch
 from server.fanout.chain import plan
 from server.settings import Settings
+from tests.foreign import foreign_writes
 from tests.waiting import eventually, eventually_async
 
 
@@ -95,6 +97,36 @@ async def test_a_standby_relay_takes_over_within_five_seconds_losing_nothing(
     finally:
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
+async def test_events_flow_while_foreign_write_transactions_stay_open(
+        settings: Settings, event_log: EventLog) -> None:
+    """Invariant 10: with a write transaction open in this database and one in another
+    database of the server, every event appended meanwhile is published before either
+    commits (v1's cluster-wide xmin bound held them all until the foreign COMMIT)."""
+    redis = Redis.from_url(settings.redis_url)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(settings.channel)
+    messages: list[tuple[float, bytes]] = []
+
+    async def listen() -> None:
+        async for message in pubsub.listen():
+            messages.append((time.monotonic(), message["data"]))
+
+    listener = asyncio.create_task(listen())
+    relay = Relay(settings.database_url, event_log, redis, RelayConfig(channel=settings.channel))
+    running = asyncio.create_task(relay.run())
+    try:
+        await asyncio.wait_for(relay.leading.wait(), 10)
+        async with foreign_writes(settings.database_url):
+            appended = [(await event_log.create(CreateTask("demo", "s"))).position for _ in range(30)]
+            await eventually(lambda: _published(messages) >= set(appended), 5)
+    finally:
+        for task in (running, listener):
+            task.cancel()
+        await asyncio.gather(running, listener, return_exceptions=True)
         await pubsub.aclose()  # type: ignore[no-untyped-call]
         await redis.aclose()
 

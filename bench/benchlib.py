@@ -19,7 +19,7 @@ from events.ids import TaskId
 from events.log import CreateTask, EventLog
 from events.migrate import migrate
 from events.model import EventType, NewEvent
-from events.waker import Waker
+from events.relay.waker import Waker
 
 ADMIN_URL = os.environ.get("TASKCAST_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TASKCAST_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")

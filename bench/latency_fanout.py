@@ -48,7 +48,7 @@ from subprocs import Background, Children, CpuMeter, cancel_on_sigterm, metrics,
 
 from events import db
 from events.log import EventLog
-from events.wire import decode_batch
+from events.relay.batch import decode_batch
 
 SCOPE = "lat"
 SUBSCRIBERS = 1000

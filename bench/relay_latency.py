@@ -37,8 +37,8 @@ from redis.asyncio.client import PubSub
 from events import db
 from events.ids import Position
 from events.log import EventLog
-from events.relay import Relay, RelayConfig
-from events.wire import decode_batch
+from events.relay.batch import decode_batch
+from events.relay.publisher import Relay, RelayConfig
 
 RATE = 1000  # events/s, all writers together
 DURATION_S = 10.0

@@ -21,8 +21,8 @@ from events import db
 from events.kind import KindSpec, as_kind
 from events.kinds import builtin
 from events.log import EventLog
-from events.relay import Relay
-from events.waker import Waker
+from events.relay.publisher import Relay
+from events.relay.waker import Waker
 from events.worker import Worker
 from server.node import Node
 from server.settings import Settings

@@ -4,9 +4,8 @@ Named loops, watched by one TaskGroup (a loop that dies stops the worker):
 - `listen`: LISTEN taskcast_jobs and taskcast_cancel. A job notification only wakes the
   claimer (a coalesced hint); a cancel notification reaches the task's context at once.
 - `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth).
-- `maintain`: re-queues jobs whose lease expired (nothing stays `running` forever), times
-  out tasks past their deadline whose worker died, and settles waiting tasks whose
-  dependencies ended (in case the worker that ended them died before doing it).
+- `maintain`: a round of the janitor (events/janitor.py) every `maintain_every_s`: leases
+  expired, deadlines of tasks whose worker died, dependencies, retention.
 
 `drain()` (at SIGTERM, before the process stops) stops claiming, gives the running tasks
 a grace period to finish, then hands each remaining one back: its runner is stopped, its
@@ -20,21 +19,18 @@ import asyncio
 import logging
 import os
 import socket
-import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from events import db, decide, deps
+from events import db, deps
 from events.aio import wait_event
-from events.errors import Conflict, NotFound, TaskcastError, Unavailable
+from events.errors import TaskcastError, Unavailable
 from events.ids import TaskId
+from events.janitor import Janitor
 from events.kind import KindSpec
 from events.log import EventLog
-from events.model import Status
 from events.queue import Claim, Queue
-from events.runtime import RunContext, cleanup_abandoned, run_claim
-from events.sql import q
+from events.runtime import RunContext, run_claim
 
 log = logging.getLogger("taskcast.worker")
 
@@ -70,8 +66,8 @@ class Worker:
         self._contexts: dict[TaskId, RunContext] = {}
         self._slot_free = asyncio.Event()
         self.listening = asyncio.Event()
-        self._pruned_at = 0.0
         self.errors = 0  # failures a loop survived (logged with their item)
+        self.janitor = Janitor(log_, self.kinds, config, worker=self.name)
 
     async def run(self) -> None:
         """Run until cancelled; on cancel, running tasks are cancelled and awaited (their
@@ -207,6 +203,12 @@ class Worker:
             self.errors += 1
             log.error("task runner crashed", exc_info=task.exception())
 
+    async def maintain(self) -> None:
+        """One round of the janitor's work (events/janitor.py); wakes the claimer when it
+        re-queued something."""
+        if await self.janitor.round():
+            self._wake.set()
+
     async def _maintain_loop(self) -> None:
         while True:
             try:
@@ -217,47 +219,3 @@ class Worker:
                 log.exception("maintenance failed")
                 self.errors += 1
             await asyncio.sleep(self.config.maintain_every_s)
-
-    async def maintain(self) -> None:
-        """One round of rescue, timeouts and dependency settling. A task that cannot be
-        timed out or settled is that task's problem: logged, and the round goes on."""
-        if await self.queue.rescue():
-            self._wake.set()
-        async with db.acquire(self.log.pool) as conn:
-            expired = [TaskId(r["id"]) for r in await conn.fetch(q("expired_deadlines"), 100)]
-            waiting = [TaskId(r["id"]) for r in await conn.fetch(q("waiting_tasks"), 500)]
-        for task in expired:
-            await self._each(task, "time out", self._time_out(task))
-        for task in waiting:
-            await self._each(task, "settle", self._settle(task))
-        now = time.monotonic()
-        if self.config.retention_s is not None and now - self._pruned_at >= self.config.prune_every_s:
-            self._pruned_at = now
-            while await self.log.prune(self.config.retention_s) == 1000:
-                pass
-
-    async def _each(self, task: TaskId, what: str, work: Coroutine[Any, Any, None]) -> None:
-        try:
-            await work
-        except Unavailable:
-            raise
-        except Exception:
-            log.exception("cannot %s %s", what, task)
-            self.errors += 1
-
-    async def _settle(self, task: TaskId) -> None:
-        if await deps.settle(self.log, task) is Status.FAILED:
-            await deps.release(self.log, task)
-
-    async def _time_out(self, task: TaskId) -> None:
-        """Time out a task whose worker is gone (a live worker times out its own tasks)."""
-        view = await self.log.view(task)
-        kind = self.kinds.get(view["kind"])
-        if kind is not None:
-            await cleanup_abandoned(self.log, view, kind, worker=self.name,
-                                    workspace_root=self.config.workspace_root)
-        try:
-            await self.log.command(task, decide.time_out)
-        except (Conflict, NotFound):
-            return
-        await deps.release(self.log, task)

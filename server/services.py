@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from events.kind import KindSpec
 from events.log import EventLog
-from events.projector import Projector
+from events.relay.projector import Projector
 from server.fanout.hub import Hub
 from server.protocol.auth import Auth, origin_of
 from server.protocol.frames import FrameLimits

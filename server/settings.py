@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from events.relay import RelayConfig
+from events.relay.publisher import RelayConfig
 from events.worker import WorkerConfig
 from server.protocol.frames import DEFAULT_LIMITS, FrameLimits
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from events.ids import Position
-from events.wire import Batch, Update
+from events.relay.batch import Batch, Update
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from typing import Protocol
 import orjson
 
 from events.ids import ZERO, Position, TaskId
-from events.wire import Update
+from events.relay.batch import Update
 from server.transport import wsframe
 
 MAX_PENDING = 10_000  # updates held for a subscription that is still catching up

@@ -16,9 +16,9 @@ from redis.asyncio import Redis
 from events.errors import Unavailable
 from events.ids import Position
 from events.log import EventLog
-from events.projector import Projector
-from events.pubsub import follow
-from events.wire import decode_batch
+from events.relay.batch import decode_batch
+from events.relay.follow import follow
+from events.relay.projector import Projector
 from server.fanout.chain import plan
 from server.fanout.hub import Hub
 

@@ -6,7 +6,7 @@ import time
 from typing import TYPE_CHECKING
 
 from events.bound import Bound
-from events.projector import Projector
+from events.relay.projector import Projector
 
 if TYPE_CHECKING:
     from server.fanout.receiver import Fanout

@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 
 from events.ids import Position
 from events.log import CreateTask, EventLog
-from events.relay import Relay, RelayConfig
-from events.wire import decode_batch
+from events.relay.batch import decode_batch
+from events.relay.publisher import Relay, RelayConfig
 from server.fanout.chain import plan
 from server.settings import Settings
 from tests.foreign import foreign_writes

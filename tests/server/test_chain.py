@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from events.ids import Position, TaskId
-from events.wire import Batch, Update, decode_batch, encode_batch
+from events.relay.batch import Batch, Update, decode_batch, encode_batch
 from server.fanout.chain import plan
 
 

@@ -13,8 +13,8 @@ from cli.embedded import restart_valkey, start_valkey, stop_valkey
 from cli.process import Process, Roles
 from events.ids import TaskId
 from events.log import EventLog
-from events.relay import Relay, RelayConfig
-from events.waker import Waker
+from events.relay.publisher import Relay, RelayConfig
+from events.relay.waker import Waker
 from server.settings import Settings
 from tests.conftest import ws_url
 from tests.waiting import eventually_async

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from events.ids import ZERO, Position, TaskId
-from events.wire import Update
+from events.relay.batch import Update
 from server.fanout.hub import Hub, Subscription
 
 

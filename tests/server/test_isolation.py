@@ -19,7 +19,7 @@ from cli.process import Process, Roles
 from events.fold import MAX_COMPACT_BYTES
 from events.ids import TaskId
 from events.log import CreateTask
-from events.projector import Projector
+from events.relay.projector import Projector
 from server.protocol.auth import mint
 from server.settings import Settings
 from tests.conftest import ws_url

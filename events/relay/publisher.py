@@ -24,11 +24,11 @@ from events.aio import wait_event
 from events.errors import Unavailable
 from events.ids import position, split
 from events.log import EventLog
-from events.projector import Projector
-from events.pubsub import follow
+from events.relay.batch import encode_batch
+from events.relay.follow import follow
+from events.relay.projector import Projector
+from events.relay.waker import wake_channel
 from events.sql import q
-from events.waker import wake_channel
-from events.wire import encode_batch
 
 log = logging.getLogger("taskcast.relay")
 
@@ -91,7 +91,7 @@ class Relay:
             await asyncio.gather(hints, return_exceptions=True)
 
     async def _hints(self, wake: asyncio.Event) -> None:
-        """Appenders' wake-up hints through Redis (events/waker.py)."""
+        """Appenders' wake-up hints through Redis (events/relay/waker.py)."""
         async def woken(_: bytes) -> None:
             wake.set()
 

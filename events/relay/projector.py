@@ -17,7 +17,7 @@ from events.fold import View, apply
 from events.ids import TaskId, encode
 from events.log import EventLog
 from events.model import Event
-from events.wire import Update, degraded, update
+from events.relay.batch import Update, degraded, update
 
 log = logging.getLogger("taskcast.projector")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from events.errors import Conflict
 from events.fold import View
-from events.model import EventType, NewEvent, Status
+from events.model import EventType, JobChange, NewEvent, Status
 
 E = EventType
 
@@ -23,16 +23,16 @@ _RETRYABLE = frozenset({Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
 @dataclass(frozen=True, slots=True)
 class Decision:
     events: list[NewEvent]
-    job_state: str | None = None  # see taskcast_append's p_job_state
+    job_state: JobChange | None = None  # see taskcast_append's p_job_state
 
 
 def cancel(view: View, reason: str | None) -> Decision:
     status = Status(view["status"])
     why = reason or "cancelled"
     if status in _IDLE:
-        return Decision([NewEvent(E.TASK_CANCELLED, {"reason": why})], job_state="done")
+        return Decision([NewEvent(E.TASK_CANCELLED, {"reason": why})], job_state=JobChange.DONE)
     if status is Status.RUNNING:
-        return Decision([NewEvent(E.TASK_CANCEL_REQUESTED, {"reason": why})], job_state="cancel")
+        return Decision([NewEvent(E.TASK_CANCEL_REQUESTED, {"reason": why})], job_state=JobChange.CANCEL)
     raise Conflict(f"task {view['id']} is {status}; there is nothing to cancel")
 
 
@@ -41,7 +41,7 @@ def answer(view: View, question: str, value: Any) -> Decision:
             q["id"] == question for q in view["questions"]):
         raise Conflict(f"question {question!r} of task {view['id']} is not pending")
     return Decision([NewEvent(E.TASK_ANSWERED, {"question": question, "answer": value})],
-                    job_state="queued")
+                    job_state=JobChange.QUEUED)
 
 
 def retry(view: View) -> Decision:
@@ -51,11 +51,12 @@ def retry(view: View) -> Decision:
                        "tasks can be retried")
     return Decision([NewEvent(E.TASK_RETRYING, {"attempt": view["attempt"] + 1, "delay_s": 0,
                                                 "reason": "retry requested"})],
-                    job_state="queued")
+                    job_state=JobChange.QUEUED)
 
 
 def time_out(view: View) -> Decision:
     """A task past its deadline whose worker is gone."""
     if Status(view["status"]).terminal:
         raise Conflict(f"task {view['id']} ended already")
-    return Decision([NewEvent(E.TASK_TIMED_OUT, {"reason": "timeout (worker gone)"})], job_state="done")
+    return Decision([NewEvent(E.TASK_TIMED_OUT, {"reason": "timeout (worker gone)"})],
+                    job_state=JobChange.DONE)

@@ -11,7 +11,7 @@ from events.errors import Conflict, NotFound
 from events.fold import View
 from events.ids import TaskId
 from events.log import EventLog
-from events.model import EventType, NewEvent, Status
+from events.model import EventType, JobChange, NewEvent, Status
 from events.sql import q
 
 log = logging.getLogger("taskcast.deps")
@@ -33,9 +33,9 @@ async def settle(log_: EventLog, task: TaskId) -> Status | None:
         if status is None or status in _FAILED:
             why = f"dependency {dep} {'does not exist' if status is None else status.value}"
             return await _decide(log_, task, Decision([NewEvent(E.TASK_FAILED, {"error": why})],
-                                                      job_state="done"))
+                                                      job_state=JobChange.DONE))
     if all(statuses.get(dep) is Status.COMPLETED for dep in view["depends_on"]):
-        return await _decide(log_, task, Decision([NewEvent(E.TASK_QUEUED, {})], job_state="queued"))
+        return await _decide(log_, task, Decision([NewEvent(E.TASK_QUEUED, {})], job_state=JobChange.QUEUED))
     return None
 
 

@@ -21,7 +21,7 @@ from events.decide import Decision
 from events.errors import DuplicateKey, NotFound, VersionConflict
 from events.fold import View, apply, created_view
 from events.ids import ZERO, FenceToken, Position, TaskId, encode, new_task_id, position, split
-from events.model import Event, EventType, NewEvent
+from events.model import Event, EventType, JobChange, NewEvent
 from events.sql import q
 from events.tasks import Page, TaskQuery, list_tasks
 
@@ -83,7 +83,7 @@ class EventLog:
         now = self.clock.now()
         data = spec.data()
         view = created_view(task, data, iso(now))
-        job_state = None if spec.depends_on else "queued"
+        job_state = None if spec.depends_on else JobChange.QUEUED
         for _ in range(2):
             try:
                 async with db.acquire(self.pool) as conn:
@@ -98,7 +98,7 @@ class EventLog:
         raise VersionConflict(f"key {key!r} is being used by a concurrent command")
 
     async def append(self, task: TaskId, view: View, events: Sequence[NewEvent], *,
-                     fence: FenceToken | None = None, job_state: str | None = None,
+                     fence: FenceToken | None = None, job_state: JobChange | None = None,
                      run_at: datetime | None = None, principal: str | None = None,
                      key: str | None = None) -> tuple[View, list[Event]]:
         """Append `events` to a task whose current view is `view`; return the new view and

@@ -30,6 +30,16 @@ class Status(StrEnum):
         return self in TERMINAL
 
 
+class JobChange(StrEnum):
+    """What an append does to the task's job row (taskcast_append's p_job_state; None:
+    nothing). The job's own states are queued, running, parked and done."""
+
+    QUEUED = "queued"  # runnable again (a retry, an answer, dependencies met)
+    PARKED = "parked"  # waiting for an answer: no worker, no lease
+    DONE = "done"  # the run ended
+    CANCEL = "cancel"  # raise the cancel flag for the worker that holds it
+
+
 TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
 ACTIVE = frozenset(Status) - TERMINAL
 

@@ -39,7 +39,7 @@ from events.fold import View
 from events.ids import FenceToken, TaskId
 from events.kind import KindSpec, StepError, TaskCancelled
 from events.log import EventLog
-from events.model import EventType, NewEvent, Status
+from events.model import EventType, JobChange, NewEvent, Status
 from events.queue import Claim, Queue
 
 log = logging.getLogger("taskcast.runtime")
@@ -193,7 +193,7 @@ class RunContext:
         data: dict[str, Any] = {"question": question, "type": type_, "prompt": prompt}
         if options is not None:
             data["options"] = options
-        await self.end([NewEvent(E.TASK_QUESTION, data)], job_state="parked")
+        await self.end([NewEvent(E.TASK_QUESTION, data)], job_state=JobChange.PARKED)
         raise _Parked(question)
 
     # writing
@@ -222,7 +222,7 @@ class RunContext:
         except (LeaseLost, TaskcastError) as exc:
             log.debug("flush of %s failed: %s", self.task, exc)
 
-    async def write(self, events: list[NewEvent], *, job_state: str | None = None,
+    async def write(self, events: list[NewEvent], *, job_state: JobChange | None = None,
                     run_at: datetime | None = None) -> None:
         """Append buffered progress/output, then `events`, in one transaction.
 
@@ -273,7 +273,7 @@ class RunContext:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, OUTAGE_RETRY_MAX_S)
 
-    async def end(self, events: list[NewEvent], *, job_state: str,
+    async def end(self, events: list[NewEvent], *, job_state: JobChange,
                   run_at: datetime | None = None) -> None:
         """`write` the run's last events (terminal, retrying, parked), shielded: a cancel
         arriving meanwhile (a worker draining at SIGTERM) cannot cut the write between
@@ -342,7 +342,7 @@ async def _fail_crashed(ctx: RunContext, exc: Exception) -> Status | None:
     if ctx.step_name is not None:
         failed["step"] = ctx.step_name
     try:
-        await ctx.end([NewEvent(E.TASK_FAILED, failed)], job_state="done")
+        await ctx.end([NewEvent(E.TASK_FAILED, failed)], job_state=JobChange.DONE)
     except (LeaseLost, TaskcastError) as second:
         log.warning("cannot fail %s after its runner crashed: %s", ctx.task, second)
         return None
@@ -385,10 +385,10 @@ async def _run(ctx: RunContext, queue: Queue, kind: KindSpec, lease_s: float,
             if kind.cleanup is not None:
                 await _cleanup(ctx, kind)
             if timed_out.is_set():
-                await ctx.end([NewEvent(E.TASK_TIMED_OUT, {"reason": "timeout"})], job_state="done")
+                await ctx.end([NewEvent(E.TASK_TIMED_OUT, {"reason": "timeout"})], job_state=JobChange.DONE)
                 return Status.TIMED_OUT
             reason = ctx.view.get("error") or "cancelled"
-            await ctx.end([NewEvent(E.TASK_CANCELLED, {"reason": reason})], job_state="done")
+            await ctx.end([NewEvent(E.TASK_CANCELLED, {"reason": reason})], job_state=JobChange.DONE)
             return Status.CANCELLED
         return await _finish(ctx, kind, main)
     finally:
@@ -402,7 +402,7 @@ async def _run(ctx: RunContext, queue: Queue, kind: KindSpec, lease_s: float,
 async def _finish(ctx: RunContext, kind: KindSpec, main: asyncio.Task[Any]) -> Status | None:
     exc = main.exception()
     if exc is None:
-        await ctx.end([NewEvent(E.TASK_COMPLETED, {"result": main.result()})], job_state="done")
+        await ctx.end([NewEvent(E.TASK_COMPLETED, {"result": main.result()})], job_state=JobChange.DONE)
         return Status.COMPLETED
     if isinstance(exc, _Parked):
         return None
@@ -412,7 +412,7 @@ async def _finish(ctx: RunContext, kind: KindSpec, main: asyncio.Task[Any]) -> S
         delay = backoff_s(ctx.attempt)
         await ctx.end([NewEvent(E.TASK_RETRYING, {"attempt": ctx.attempt + 1, "delay_s": round(delay, 3),
                                                     "reason": str(exc)})],
-                        job_state="queued", run_at=datetime.now(UTC) + timedelta(seconds=delay))
+                        job_state=JobChange.QUEUED, run_at=datetime.now(UTC) + timedelta(seconds=delay))
         return None
     failed: dict[str, Any] = {"error": _message(exc)}
     if ctx.step_name is not None:
@@ -421,7 +421,7 @@ async def _finish(ctx: RunContext, kind: KindSpec, main: asyncio.Task[Any]) -> S
         log.error("task %s failed", ctx.task, exc_info=exc)
     if kind.cleanup is not None:
         await _cleanup(ctx, kind)  # nothing a step started may outlive the run
-    await ctx.end([NewEvent(E.TASK_FAILED, failed)], job_state="done")
+    await ctx.end([NewEvent(E.TASK_FAILED, failed)], job_state=JobChange.DONE)
     return Status.FAILED
 
 

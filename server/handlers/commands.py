@@ -1,5 +1,6 @@
-"""Handlers of `refresh`, the commands (answered by `ack` once durable) and the queries
-(answered by `result`). `hello` is answered by the session itself (server/protocol/session.py).
+"""Handlers of `refresh` and the commands (answered by `ack` once durable); the queries are
+in queries.py, subscriptions in subscribe.py. `hello` is answered by the session itself
+(server/protocol/session.py).
 
 Every field arrives checked by the edge (server/protocol/frames.py). What is left here is
 what needs the node: the principal's grants, the kinds and their input validators, the log.
@@ -10,20 +11,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-import orjson
+from typing import TYPE_CHECKING, Any, cast
 
 from events import decide, deps
 from events.errors import BadRequest, Forbidden, NotFound
-from events.fold import View, compact
+from events.fold import View
 from events.ids import TaskId, encode, new_task_id
 from events.log import Ack, CreateTask
 from events.model import Status
-from events.tasks import TaskQuery
 from server.fanout.hub import Subscription
 from server.protocol.auth import Principal, not_found_message
-from server.protocol.frames import Request
+from server.protocol.frames import AnswerFields, CreateFields, RefreshFields, Request, TaskFields
 
 if TYPE_CHECKING:
     from server.protocol.session import Handler, Session
@@ -38,7 +36,7 @@ def result(request: Request, data: Any) -> dict[str, Any]:
     return {"type": "result", "id": request.id, "data": data}
 
 
-async def _visible_view(session: Session, principal: Principal, task: str) -> View:
+async def visible_view(session: Session, principal: Principal, task: str) -> View:
     """The view of a task the principal may read. Raises NotFound (also when it may not)."""
     view = await session.services.log.view(TaskId(task))
     principal.require_task(view)
@@ -53,7 +51,7 @@ async def refresh(session: Session, request: Request) -> dict[str, Any]:
     dropped (`task:` and `scope:` channels by their scope; `all` filters by the principal
     on every update), and named in the result's `dropped`."""
     current = session.require_principal()
-    principal = session.services.auth.verify(request.fields["token"])
+    principal = session.services.auth.verify(cast(RefreshFields, request.fields)["token"])
     if principal.name != current.name:
         raise Forbidden("a refreshed token must name the same principal")
     if not principal.scopes:
@@ -72,7 +70,7 @@ async def refresh(session: Session, request: Request) -> dict[str, Any]:
 
 async def create(session: Session, request: Request) -> dict[str, Any] | None:
     started = time.perf_counter()
-    f = request.fields
+    f = cast(CreateFields, request.fields)
     principal = session.require_principal()
     services = session.services
     scope, kind = f["scope"], f["kind"]
@@ -124,8 +122,9 @@ async def _command(session: Session, request: Request,
                    decision: Callable[[View], decide.Decision]) -> dict[str, Any]:
     started = time.perf_counter()
     principal = session.require_principal()
-    ack = await session.services.log.command(TaskId(request.fields["task"]), decision,
-                                         principal=principal.name, key=request.fields.get("key"),
+    f = cast(TaskFields, request.fields)
+    ack = await session.services.log.command(TaskId(f["task"]), decision,
+                                         principal=principal.name, key=f.get("key"),
                                          check=principal.require_task)
     session.services.metrics.observe_ack(time.perf_counter() - started)
     if Status(ack.status).terminal and not ack.duplicate:
@@ -134,12 +133,12 @@ async def _command(session: Session, request: Request,
 
 
 async def cancel(session: Session, request: Request) -> dict[str, Any]:
-    reason = request.fields.get("reason")
+    reason = cast(TaskFields, request.fields).get("reason")
     return await _command(session, request, lambda view: decide.cancel(view, reason))
 
 
 async def answer(session: Session, request: Request) -> dict[str, Any]:
-    f = request.fields
+    f = cast(AnswerFields, request.fields)
     return await _command(session, request, lambda view: decide.answer(view, f["question"], f["answer"]))
 
 
@@ -147,59 +146,10 @@ async def retry(session: Session, request: Request) -> dict[str, Any]:
     return await _command(session, request, decide.retry)
 
 
-# queries
-
-
-async def get(session: Session, request: Request) -> dict[str, Any]:
-    """The whole view (with `input`, `answers` and step results), unlike updates'; for a
-    task whose stored view cannot be encoded whole, its compact form, marked `degraded`."""
-    principal = session.require_principal()
-    view = await _visible_view(session, principal, request.fields["task"])
-    if not _encodable(view):
-        view = {**compact(view), "degraded": True}
-    return result(request, view)
-
-
-async def list_(session: Session, request: Request) -> dict[str, Any]:
-    principal = session.require_principal()
-    f = request.fields
-    if f.get("scope") is not None:
-        principal.require(f["scope"])
-    page = await session.services.log.list_views(TaskQuery(
-        scope=f.get("scope"), statuses=tuple(f["status"]) if f.get("status") else None,
-        kind=f.get("kind"), label=f.get("label"),
-        scope_patterns=None if "*" in principal.scopes else principal.scopes,
-        limit=f.get("limit") or 50, cursor=f.get("cursor")))
-    views = [compact(v) for v in page.tasks if principal.may(v["scope"])]
-    return result(request, {"tasks": views, "cursor": page.cursor, "position": encode(page.position)})
-
-
-async def history(session: Session, request: Request) -> dict[str, Any]:
-    principal = session.require_principal()
-    f = request.fields
-    limit = f.get("limit") or MAX_HISTORY
-    await _visible_view(session, principal, f["task"])
-    events = await session.services.log.history(TaskId(f["task"]), f.get("after") or 0, limit + 1)
-    wire = [e.wire() for e in events[:limit]]
-    if not _encodable(wire):  # an event stored before the edge checked it: degraded alone
-        wire = [w if _encodable(w) else {**w, "data": {}, "degraded": True} for w in wire]
-    return result(request, {"events": wire, "more": len(events) > limit})
-
-
-def _encodable(value: Any) -> bool:
-    try:
-        orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return False
-    return True
-
-
-MAX_HISTORY = 1000
-
-
 def handlers() -> dict[str, Handler]:
-    from server.handlers import subscribe
+    """Every request handler, by frame type."""
+    from server.handlers import queries, subscribe
 
-    return {"refresh": refresh, "create": create, "cancel": cancel,
-            "answer": answer, "retry": retry, "get": get, "list": list_, "history": history,
+    return {"refresh": refresh, "create": create, "cancel": cancel, "answer": answer, "retry": retry,
+            "get": queries.get, "list": queries.list_, "history": queries.history,
             "subscribe": subscribe.subscribe, "unsubscribe": subscribe.unsubscribe}

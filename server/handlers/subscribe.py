@@ -7,14 +7,14 @@ already covered. Registration-before-read is what makes the hand-over gap-free.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from events.errors import BadRequest, NotFound
 from events.fold import compact
 from events.ids import ZERO, Position, TaskId, encode
 from events.tasks import MAX_LIST, TaskQuery
 from server.fanout.hub import Subscription, frame
-from server.protocol.frames import Request
+from server.protocol.frames import Request, SubscribeFields
 
 if TYPE_CHECKING:
     from server.protocol.session import Session
@@ -32,7 +32,7 @@ def parse_channel(channel: str) -> tuple[str, str]:
 
 
 async def subscribe(session: Session, request: Request) -> None:
-    f = request.fields  # `since` arrives decoded (server/protocol/frames.py)
+    f = cast(SubscribeFields, request.fields)  # `since` arrives decoded (server/protocol/frames.py)
     await follow(session, f["channel"], since=f.get("since"), snapshot=bool(f.get("snapshot")),
                  request=request)
 

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import orjson
 
@@ -71,6 +71,57 @@ class Request:
     type: str
     id: RequestId | None
     fields: dict[str, Any]  # only the frame's known fields, each checked and normalized
+
+
+# What each frame's `fields` hold once decoded (a handler reads them through these types).
+class RefreshFields(TypedDict):
+    token: str
+
+
+class CreateFields(TypedDict):
+    kind: str
+    scope: str
+    input: dict[str, Any]
+    labels: NotRequired[list[str]]
+    depends_on: NotRequired[list[str]]
+    timeout_s: NotRequired[float]
+    priority: NotRequired[int]
+    subscribe: NotRequired[bool]
+    key: NotRequired[str]
+
+
+class TaskFields(TypedDict):  # cancel, retry, get
+    task: str
+    reason: NotRequired[str]
+    key: NotRequired[str]
+
+
+class AnswerFields(TypedDict):
+    task: str
+    question: str
+    answer: Any
+    key: NotRequired[str]
+
+
+class ListFields(TypedDict, total=False):
+    scope: str
+    status: list[str]
+    kind: str
+    label: str
+    limit: int
+    cursor: str
+
+
+class HistoryFields(TypedDict):
+    task: str
+    after: NotRequired[int]
+    limit: NotRequired[int]
+
+
+class SubscribeFields(TypedDict):
+    channel: str
+    since: NotRequired[Position]
+    snapshot: NotRequired[bool]
 
 
 Check = Callable[[Any, FrameLimits], Any]  # returns the normalized value or raises Invalid

@@ -21,7 +21,7 @@ async def test_an_all_catch_up_carries_only_the_principals_scopes(launch: Launch
     process = await launch(secret=SECRET)
     admin = await Client.open(ws_url(process), token=mint(SECRET, "admin", ["*"]))
     tasks = {}
-    for scope in ("project:1", "project:2"):
+    for scope in ("project:2", "project:1"):  # project:2 first: its events precede in the log
         ack = await admin.request({"type": "create", "kind": "demo", "scope": scope,
                                    "input": {"steps": 1, "step_ms": 0}, "subscribe": True})
         await admin.until(lambda f, t=ack["task"]: f["type"] == "update" and f["event"]["task"] == t

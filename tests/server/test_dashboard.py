@@ -129,6 +129,8 @@ async def test_create_from_the_form_follow_the_steps_and_answer_by_clicking(task
         await tab.step(name, "running")
         await tab.step(name, "completed")
     await tab.status("completed")
+    # The input is shown although updates no longer carry it (the page asks `get` once).
+    await tab.page.wait_for_selector('.details pre.json:has-text("step_ms")')
     assert await tab.page.locator(".timeline li[data-step]").count() == 3
     assert (await tab.page.inner_text('.timeline li[data-step="step_1"] .step-time')).endswith(" s")
     await tab.shot("task-completed-1280")

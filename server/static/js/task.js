@@ -39,7 +39,10 @@ export class TaskPage {
 
   async load() {
     try {
-      if (!this.store.tasks.has(this.id)) this.store.putView((await this.conn.request({ type: "get", task: this.id })).data);
+      // The whole view, once: updates carry the compact one, without `input` (PROTOCOL.md).
+      const whole = (await this.conn.request({ type: "get", task: this.id })).data;
+      this.input = whole.input;
+      if (!this.store.putView(whole)) this.render();
       await this.fillHistory();
     } catch (err) {
       if (err.code === "not_found" || err.code === "forbidden") {
@@ -83,7 +86,8 @@ export class TaskPage {
     this._patch("questions", [t.status, t.questions], () => (t.questions || []).map((q) => this.question(t, q)));
     this._patch("steps", [t.steps, t.steps_total, t.status], () => steps(t));
     this._output(t.output_tail || [], TERMINAL.has(t.status));
-    this._patch("details", [t.input, t.result, t.error, t.labels, t.depends_on], () => details(t));
+    const input = t.input !== undefined ? t.input : this.input;
+    this._patch("details", [input, t.result, t.error, t.labels, t.depends_on], () => details(t, input));
     const events = this.store.eventsOf(this.id);
     this._patch("activity", [events.length, events.length && events[events.length - 1].version],
       () => [...events.slice().reverse().map(activity),
@@ -207,11 +211,11 @@ function step(s, t) {
       s.error ? h("p.step-error", {}, s.error) : null));
 }
 
-function details(t) {
+function details(t, input) {
   const parts = [];
   if (t.error) parts.push(h("h2", {}, "Error"), h("p.error-text", {}, t.error));
   if (t.result !== null && t.result !== undefined) parts.push(h("h2", {}, "Result"), h("pre.json", {}, json(t.result)));
-  if (t.input !== undefined) parts.push(h("h2", {}, "Input"), h("pre.json", {}, json(t.input)));
+  if (input !== undefined) parts.push(h("h2", {}, "Input"), h("pre.json", {}, json(input)));
   if (t.labels && t.labels.length) parts.push(h("h2", {}, "Labels"), h("p", {}, t.labels.map((l) => h("span.label", {}, l))));
   if (t.depends_on && t.depends_on.length) {
     parts.push(h("h2", {}, "Depends on"), h("p", {}, t.depends_on.map((d) => h("a.label", { href: `#/task/${d}` }, d))));

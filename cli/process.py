@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events import db
+from events.aio import stop_tasks, where
 from events.kind import KindSpec, as_kind
 from events.kinds import builtin
 from events.log import EventLog
@@ -47,14 +48,7 @@ def load_kinds(paths: Sequence[str], shell_allow: Sequence[str] = (),
 def dump_tasks() -> None:
     """Log every asyncio task and where it waits (SIGUSR1): for a process that will not stop."""
     for task in asyncio.all_tasks():
-        frames = []
-        coro: Any = task.get_coro()
-        while coro is not None:
-            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
-            if frame is not None:
-                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
-            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
-        log.warning("task %s:\n  %s", task.get_name(), "\n  ".join(frames) or repr(task))
+        log.warning("task %s:\n  %s", task.get_name(), where(task).replace(" > ", "\n  "))
 
 
 @dataclass
@@ -125,7 +119,8 @@ class Process:
         """Stop, in order, each stage time-boxed: the node (no new sockets, every socket
         closed with 1001, request tasks cancelled); the workers drain (no new claims,
         `drain_grace_s` for running tasks, the rest handed back to be resumed elsewhere at
-        once); the loops (relay, workers, waker) cancelled and awaited; Redis closed; the
+        once); the loops (relay, workers, waker) cancelled and awaited (an error one ended
+        with is logged, one still running is logged with where it waits); Redis closed; the
         pool closed (terminated if a connection is not returned in time). Idempotent; the
         whole stop takes at most about three times `stop_timeout_s` plus the drain grace."""
         await self._unwind()
@@ -148,12 +143,8 @@ class Process:
 
     async def _stop_loops(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.settings.stop_timeout_s)
-            for task in pending:
-                log.warning("%s did not stop within %.1f s", task.get_name(), self.settings.stop_timeout_s)
+            await stop_tasks(tasks, self.settings.stop_timeout_s, log)
 
     async def _close_redis(self) -> None:
         try:

@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from events import attempt
+from events.aio import pause
 from events.errors import StaleFence, TaskcastError, Unavailable, VersionConflict
 from events.fold import View
 from events.ids import FenceToken, TaskId
@@ -270,7 +271,7 @@ class RunContext:
                     if now - outage_since > self.lease_s:
                         raise LeaseLost(f"PostgreSQL unavailable for longer than the lease: {exc}") from exc
                     log.warning("write of %s waits for PostgreSQL: %s", self.task, exc)
-                    await asyncio.sleep(delay)
+                    await pause(delay)
                     delay = min(delay * 2, OUTAGE_RETRY_MAX_S)
 
     async def end(self, events: list[NewEvent], *, job_state: JobChange,
@@ -448,7 +449,7 @@ async def _heartbeat(ctx: RunContext, queue: Queue, lease_s: float) -> None:
     """Extend the lease every third of it; bring back the cancel flag. Raises LeaseLost."""
     last_ok = time.monotonic()
     while True:
-        await asyncio.sleep(lease_s / 3)
+        await pause(lease_s / 3)
         try:
             flag = await queue.heartbeat(ctx.task, ctx.fence, lease_s)
         except TaskcastError as exc:

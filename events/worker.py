@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from events import db, deps
-from events.aio import wait_event
+from events.aio import pause, raise_if_cancelling, wait_event
 from events.errors import TaskcastError, Unavailable
 from events.ids import TaskId
 from events.janitor import Janitor
@@ -92,7 +92,7 @@ class Worker:
             try:
                 conn = await db.connect(self.database_url)
             except Unavailable:
-                await asyncio.sleep(self.config.poll_s)
+                await pause(self.config.poll_s)
                 continue
             try:
                 lost = asyncio.Event()
@@ -111,7 +111,7 @@ class Worker:
             finally:
                 self.listening.clear()
                 conn.terminate()
-            await asyncio.sleep(self.config.poll_s)  # never a tight reconnect loop
+            await pause(self.config.poll_s)  # never a tight reconnect loop
 
     async def drain(self, grace_s: float | None = None) -> list[TaskId]:
         """Stop claiming; wait up to `grace_s` (default drain_grace_s) for the running
@@ -141,6 +141,7 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         while True:
+            raise_if_cancelling()  # the waits below have no deadline
             if self.draining:
                 await asyncio.Event().wait()  # claims nothing more; cancelled at stop
             if len(self._running) >= self.config.concurrency:
@@ -218,4 +219,4 @@ class Worker:
             except Exception:
                 log.exception("maintenance failed")
                 self.errors += 1
-            await asyncio.sleep(self.config.maintain_every_s)
+            await pause(self.config.maintain_every_s)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from events.aio import wait_event
+from events.aio import pause, stop_tasks, wait_event
 from events.bound import Bound
 from events.errors import TaskcastError
 from events.kind import KindSpec
@@ -89,12 +89,9 @@ class Node:
         for transport in list(self.services.transports):
             transport.abort()
         tasks = [*self._loops, *self.services.tasks]
-        for task in tasks:
-            task.cancel()
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
-            for task in pending:
-                log.warning("%s did not stop in time", task.get_name())
+            # Quietly: a loop's death was logged by _loop_died, a request's by its handler.
+            await stop_tasks(tasks, SHUTDOWN_GRACE_S, log, report_errors=False)
         self._loops = []
         if self.server is not None:
             try:
@@ -140,7 +137,7 @@ class Node:
         serial = 0
         while True:
             wall = time.time()
-            await asyncio.sleep(min(1.0, s.hello_timeout_s / 2, s.heartbeat_s / 2))
+            await pause(min(1.0, s.hello_timeout_s / 2, s.heartbeat_s / 2))
             now = time.monotonic()
             for conn in list(self.connections):
                 try:

@@ -9,6 +9,7 @@ channel, so tests never see each other's events.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import tempfile
@@ -25,6 +26,7 @@ import uvloop
 from cli.embedded import EmbeddedPostgres, start_postgres, stop_postgres
 from cli.process import Process, Roles
 from events import db
+from events.aio import where
 from events.log import EventLog
 from events.migrate import migrate
 from server.settings import Settings
@@ -38,21 +40,48 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
     return {"uvloop": uvloop.new_event_loop}
 
 
+LEFTOVER_GRACE_S = 2.0  # for a task the test's fixtures cancelled to finish ending
+
+
 @pytest.fixture(autouse=True)
 async def no_stray_loop_errors() -> AsyncIterator[None]:
     """Fail a test that left an unhandled error in the event loop (a task's exception
-    nobody retrieved, a callback that raised), as asyncpg's own harness does."""
+    nobody retrieved, a callback that raised), as asyncpg's own harness does, or a task
+    still running after its fixtures stopped (it would fail a later test when it is
+    garbage-collected: "Task was destroyed but it is pending"). Torn down after the
+    test's other fixtures, so what they stop is stopped by then."""
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
+    before = asyncio.all_tasks()
+    gc.collect()  # what earlier tests left is reported now, not during this test
     loop.set_exception_handler(lambda _, context: errors.append(context))
     try:
         yield
+        left = asyncio.all_tasks() - before - {asyncio.current_task()}
+        if left:
+            await asyncio.wait(left, timeout=LEFTOVER_GRACE_S)
+        gc.collect()
     finally:
         loop.set_exception_handler(previous)
-    if errors:
-        pytest.fail("unhandled errors in the event loop:\n" + "\n".join(
-            f"{c.get('message')}: {c.get('exception')!r}" for c in errors), pytrace=False)
+    problems = [_describe(c) for c in errors]
+    problems += [f"a task left running: {t.get_name()} at {where(t)}" for t in left if not t.done()]
+    for task in left:
+        if not task.done():
+            task.cancel()  # not a later test's problem
+    if problems:
+        pytest.fail("unhandled errors in the event loop:\n" + "\n".join(problems), pytrace=False)
+
+
+def _describe(context: dict[str, Any]) -> str:
+    """One loop error, naming the task, future or callback it came from."""
+    source = context.get("task") or context.get("future") or context.get("handle")
+    text = f"{context.get('message')}: {context.get('exception')!r}"
+    if isinstance(source, asyncio.Task):
+        text += f" (task {source.get_name()}: {source.get_coro()!r} at {where(source)})"
+    elif source is not None:
+        text += f" ({source!r})"
+    return text
 
 
 def _with_database(url: str, name: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 POLL_S = 0.02
 
@@ -35,3 +36,17 @@ def listening(port: int) -> bool:
     """Whether something accepts connections on loopback `port`."""
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def cancelled(*tasks: asyncio.Task[Any], within: float = 10.0) -> None:
+    """Cancel `tasks` and wait for them to end; AssertionError after `within` seconds
+    names those still running (a task that outlives its cancel is a bug, not a wait)."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=within)
+    assert not pending, f"still running {within:g} s after their cancel: {[t.get_name() for t in pending]}"
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: the test decides what an error means

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from events.aio import raise_if_cancelling
+from events.aio import pause, raise_if_cancelling
 
 log = logging.getLogger("taskcast.pubsub")
 
@@ -49,5 +48,5 @@ async def follow(redis: Redis, channel: str, handle: Callable[[bytes], Awaitable
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             except (RedisError, OSError):
                 pass
-        await asyncio.sleep(delay)
+        await pause(delay)
         delay = min(delay * 2, RECONNECT_MAX_S)

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events import db
-from events.aio import wait_event
+from events.aio import pause, stop_tasks, wait_event
 from events.errors import Unavailable
 from events.ids import position, split
 from events.log import EventLog
@@ -62,20 +62,20 @@ class Relay:
                 conn = await db.connect(self.database_url)
             except Unavailable as exc:
                 log.warning("relay cannot reach PostgreSQL: %s", exc)
-                await asyncio.sleep(self.config.standby_poll_s)
+                await pause(self.config.standby_poll_s)
                 continue
             try:
                 if await conn.fetchval("SELECT pg_try_advisory_lock($1)", RELAY_LOCK):
                     log.info("relay is leading")
                     await self._lead(conn)
                 else:
-                    await asyncio.sleep(self.config.standby_poll_s)
+                    await pause(self.config.standby_poll_s)
             except (Unavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("relay lost PostgreSQL, standing by: %s", exc)
-                await asyncio.sleep(self.config.standby_poll_s)
+                await pause(self.config.standby_poll_s)
             except Exception:
                 log.exception("relay failed; restarting")
-                await asyncio.sleep(self.config.standby_poll_s)
+                await pause(self.config.standby_poll_s)
             finally:
                 self.leading.clear()
                 conn.terminate()
@@ -87,8 +87,7 @@ class Relay:
         try:
             await self._publish_loop(conn, wake)
         finally:
-            hints.cancel()
-            await asyncio.gather(hints, return_exceptions=True)
+            await stop_tasks([hints], 5.0, log)
 
     async def _hints(self, wake: asyncio.Event) -> None:
         """Appenders' wake-up hints through Redis (events/relay/waker.py)."""

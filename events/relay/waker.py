@@ -15,6 +15,8 @@ import logging
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from events.aio import raise_if_cancelling
+
 log = logging.getLogger("taskcast.waker")
 
 
@@ -35,6 +37,9 @@ class Waker:
     async def run(self) -> None:
         """Publish one hint per burst of pokes, until cancelled."""
         while True:
+            # The publish may have swallowed this task's cancel (events/aio.py): without
+            # this check the loop would wait for the next poke forever, and stop with it.
+            raise_if_cancelling()
             await self._poked.wait()
             self._poked.clear()
             try:

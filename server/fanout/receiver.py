@@ -7,12 +7,12 @@ and the node reads the missing events from the log before routing anything after
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 from redis.asyncio import Redis
 
+from events.aio import pause
 from events.errors import Unavailable
 from events.ids import Position
 from events.log import EventLog
@@ -51,7 +51,7 @@ class Fanout:
                 return await self.log.head()
             except Unavailable as exc:
                 log.warning("waiting for PostgreSQL: %s", exc)
-                await asyncio.sleep(1.0)
+                await pause(1.0)
 
     async def consume(self, message: bytes) -> None:
         """Route one relay message, filling any gap before it from the log. A message that

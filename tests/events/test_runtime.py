@@ -18,7 +18,7 @@ from events.queue import Queue
 from events.worker import Worker, WorkerConfig
 from server.settings import Settings
 from tests.conftest import ws_url
-from tests.waiting import eventually_async
+from tests.waiting import cancelled, eventually_async
 from tests.wsclient import Client
 
 E = EventType
@@ -30,10 +30,9 @@ async def worker(settings: Settings, event_log: EventLog) -> AsyncIterator[Worke
     """One in-process worker with a short grace period and fast maintenance."""
     w = Worker(settings.database_url, event_log, builtin(),
                WorkerConfig(cancel_grace_s=0.2, maintain_every_s=0.2))
-    running = asyncio.create_task(w.run())
+    running = asyncio.create_task(w.run(), name="worker")
     yield w
-    running.cancel()
-    await asyncio.gather(running, return_exceptions=True)
+    await cancelled(running)
 
 
 async def _ended(log: EventLog, task: Any, within: float = 20) -> list[Any]:

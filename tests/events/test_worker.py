@@ -22,7 +22,7 @@ from events.log import CreateTask, EventLog
 from events.model import Event, EventType
 from events.worker import Worker, WorkerConfig
 from server.settings import Settings
-from tests.waiting import eventually, eventually_async
+from tests.waiting import cancelled, eventually, eventually_async
 
 E = EventType
 
@@ -120,14 +120,12 @@ async def in_process(settings: Settings, event_log: EventLog) -> AsyncIterator[l
     """Workers run as tasks of this test; each is cancelled at the end."""
     tasks: list[asyncio.Task[None]] = []
     yield tasks
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await cancelled(*tasks)
 
 
 def _start(settings: Settings, log: EventLog, tasks: list[asyncio.Task[None]], **config: Any) -> Worker:
     worker = Worker(settings.database_url, log, builtin(), WorkerConfig(**config))
-    tasks.append(asyncio.create_task(worker.run()))
+    tasks.append(asyncio.create_task(worker.run(), name=f"worker {len(tasks)}"))
     return worker
 
 
@@ -138,7 +136,7 @@ async def test_a_question_survives_a_worker_restart_and_is_asked_once(
     ack = await event_log.create(CreateTask("demo", "p", {"steps": 3, "step_ms": 10, "ask_step": 2}))
     _start(settings, event_log, in_process)
     await _until_event(event_log, ack.task, lambda e: e.type is E.TASK_QUESTION)
-    in_process.pop().cancel()  # the worker goes away
+    await cancelled(in_process.pop())  # the worker goes away (and is gone: awaited)
     view = await event_log.view(ack.task)
     assert view["status"] == "waiting_answer" and view["questions"][0]["options"] == ["approve", "deny"]
     await event_log.command(ack.task, lambda v: decide.answer(v, "q_1", "approve"))
@@ -213,3 +211,24 @@ async def test_a_running_worker_trims_the_history_of_ended_tasks(
     await eventually_async(trimmed, within=15, poll_s=0.1)
     assert (await event_log.view(ack.task))["status"] == "completed"
     assert await event_log.retention_floor() > ack.position
+
+
+async def test_a_worker_stops_when_a_maintenance_round_swallowed_its_cancel(
+        event_log: EventLog, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cancel eaten by an await inside a janitor round (as redis-py's commands can) still
+    stops the worker: its loops pause with events.aio.pause, not asyncio.sleep."""
+    worker = Worker(settings.database_url, event_log, builtin(), WorkerConfig(maintain_every_s=0.05))
+    entered = asyncio.Event()
+
+    async def round_() -> bool:
+        entered.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            pass
+        return False
+
+    monkeypatch.setattr(worker.janitor, "round", round_)
+    running = asyncio.create_task(worker.run(), name="worker")
+    await asyncio.wait_for(entered.wait(), 10)
+    await cancelled(running, within=5)

@@ -32,6 +32,7 @@ from cli.embedded.processes import (
     server_env,
     shut_down,
     spawn,
+    stop_server,
     tail,
     unprivileged_user,
 )
@@ -114,10 +115,7 @@ def stop_postgres(pg: EmbeddedPostgres) -> None:
     Raises:
         EmbeddedServerError: a process survived SIGKILL (not seen in practice).
     """
-    pids = processes_in(_pg_bindir() / "postgres", pg.data_dir)
-    if pg.pid in CHILDREN and pg.pid not in pids:
-        pids.append(pg.pid)
-    shut_down(pids, _PG_STOP)
+    stop_server(_pg_bindir() / "postgres", pg.data_dir, pg.pid, _PG_STOP)
 
 
 def restart_postgres(pg: EmbeddedPostgres, *, timeout: float = START_TIMEOUT) -> EmbeddedPostgres:

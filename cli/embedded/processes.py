@@ -171,6 +171,16 @@ def is_alive(pid: int) -> bool:
         return False
 
 
+def stop_server(exe: Path, data_dir: Path, pid: int,
+                ladder: Sequence[tuple[signal.Signals, float]]) -> None:
+    """Stop the server process of `data_dir` (any left running `exe` there, and `pid` if it
+    is one we started), along `ladder`. Idempotent."""
+    pids = processes_in(exe, data_dir)
+    if pid in CHILDREN and pid not in pids:
+        pids.append(pid)
+    shut_down(pids, ladder)
+
+
 def dismiss_watchdog(pid: int) -> None:
     """The server `pid` exited: its watchdog has nothing left to guard."""
     watchdog = WATCHDOGS.pop(pid, None)

@@ -25,6 +25,7 @@ from cli.embedded.processes import (
     processes_in,
     shut_down,
     spawn,
+    stop_server,
     tail,
 )
 
@@ -96,10 +97,7 @@ def stop_valkey(v: EmbeddedValkey) -> None:
     Raises:
         EmbeddedServerError: a process survived SIGKILL (not seen in practice).
     """
-    pids = processes_in(_valkey_exe(), v.data_dir)
-    if v.pid in CHILDREN and v.pid not in pids:
-        pids.append(v.pid)
-    shut_down(pids, _VALKEY_STOP)
+    stop_server(_valkey_exe(), v.data_dir, v.pid, _VALKEY_STOP)
 
 
 def restart_valkey(v: EmbeddedValkey, *, timeout: float = START_TIMEOUT) -> EmbeddedValkey:

@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 import pytest
@@ -53,10 +54,9 @@ def _relay(settings: Settings) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "cli.main", "relay"], env=env)
 
 
-async def test_a_standby_relay_takes_over_within_five_seconds_losing_nothing(
-        settings: Settings, event_log: EventLog, spawn_relay: list[subprocess.Popen[bytes]]) -> None:
-    """kill -9 of the leading relay: the standby publishes within 5 s, and a node following
-    the chain receives every event once, in order, without a gap to fill."""
+@asynccontextmanager
+async def _recording(settings: Settings) -> AsyncIterator[tuple[Redis, list[tuple[float, bytes]]]]:
+    """Every message on the relay's channel, with its arrival time, while the block runs."""
     redis = Redis.from_url(settings.redis_url)
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.subscribe(settings.channel)
@@ -67,8 +67,21 @@ async def test_a_standby_relay_takes_over_within_five_seconds_losing_nothing(
             messages.append((time.monotonic(), message["data"]))
 
     listener = asyncio.create_task(listen())
-    start_head = await event_log.head()
     try:
+        yield redis, messages
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await redis.aclose()
+
+
+async def test_a_standby_relay_takes_over_within_five_seconds_losing_nothing(
+        settings: Settings, event_log: EventLog, spawn_relay: list[subprocess.Popen[bytes]]) -> None:
+    """kill -9 of the leading relay: the standby publishes within 5 s, and a node following
+    the chain receives every event once, in order, without a gap to fill."""
+    async with _recording(settings) as (_, messages):
+        start_head = await event_log.head()
         leader = _relay(settings)
         spawn_relay.append(leader)
         await eventually(lambda: len(messages) >= 1, 15)  # the leader's first heartbeat
@@ -94,11 +107,6 @@ async def test_a_standby_relay_takes_over_within_five_seconds_losing_nothing(
                 head = update.position
         assert fills == 0  # the relay lost nothing
         assert routed == sorted(set(routed)) and set(routed) == set(created) | set(more)
-    finally:
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-        await redis.aclose()
 
 
 async def test_events_flow_while_foreign_write_transactions_stay_open(
@@ -106,29 +114,17 @@ async def test_events_flow_while_foreign_write_transactions_stay_open(
     """Invariant 10: with a write transaction open in this database and one in another
     database of the server, every event appended meanwhile is published before either
     commits (v1's cluster-wide xmin bound held them all until the foreign COMMIT)."""
-    redis = Redis.from_url(settings.redis_url)
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(settings.channel)
-    messages: list[tuple[float, bytes]] = []
-
-    async def listen() -> None:
-        async for message in pubsub.listen():
-            messages.append((time.monotonic(), message["data"]))
-
-    listener = asyncio.create_task(listen())
-    relay = Relay(settings.database_url, event_log, redis, RelayConfig(channel=settings.channel))
-    running = asyncio.create_task(relay.run())
-    try:
-        await asyncio.wait_for(relay.leading.wait(), 10)
-        async with foreign_writes(settings.database_url):
-            appended = [(await event_log.create(CreateTask("demo", "s"))).position for _ in range(30)]
-            await eventually(lambda: _published(messages) >= set(appended), 5)
-    finally:
-        for task in (running, listener):
-            task.cancel()
-        await asyncio.gather(running, listener, return_exceptions=True)
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-        await redis.aclose()
+    async with _recording(settings) as (redis, messages):
+        relay = Relay(settings.database_url, event_log, redis, RelayConfig(channel=settings.channel))
+        running = asyncio.create_task(relay.run())
+        try:
+            await asyncio.wait_for(relay.leading.wait(), 10)
+            async with foreign_writes(settings.database_url):
+                appended = [(await event_log.create(CreateTask("demo", "s"))).position for _ in range(30)]
+                await eventually(lambda: _published(messages) >= set(appended), 5)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
 
 
 def _positions(message: bytes) -> set[Position]:

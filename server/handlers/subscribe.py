@@ -3,6 +3,11 @@
 The subscription is registered first, holding live updates, and only then is the log (or
 the snapshot) read; afterwards the held updates are delivered, skipping what the read
 already covered. Registration-before-read is what makes the hand-over gap-free.
+
+The grant is checked against the session's principal as it is at each point that matters,
+never as it was before an await: a `refresh` that narrows the token while a `subscribe`
+awaits the database is either seen before the subscription is registered (it is refused,
+as refresh would have dropped it) or finds it registered (and drops it, naming it).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from events.fold import compact
 from events.ids import ZERO, Position, TaskId, encode
 from events.tasks import MAX_LIST, TaskQuery
 from server.fanout.hub import Subscription, frame
+from server.protocol.auth import Principal, not_found_message
 from server.protocol.frames import Request, SubscribeFields
 
 if TYPE_CHECKING:
@@ -29,6 +35,18 @@ def parse_channel(channel: str) -> tuple[str, str]:
     if sep and name and kind in ("task", "scope"):
         return kind, name
     raise BadRequest(f"unknown channel {channel!r}: use task:<id>, scope:<scope> or all")
+
+
+def granted(session: Session, kind: str, name: str, scope: str | None) -> Principal:
+    """The session's principal as it is now, if it may follow the channel (`scope`: the
+    scope of a `task:` channel's task). Raises as `subscribe` answers: NotFound for a task
+    it may not read (exactly as for a missing one), Forbidden for a scope it does not hold."""
+    principal = session.require_principal()
+    if kind == "task" and (scope is None or not principal.may(scope)):
+        raise NotFound(not_found_message(name))
+    if kind == "scope":
+        principal.require(name)
+    return principal
 
 
 async def subscribe(session: Session, request: Request) -> None:
@@ -59,6 +77,9 @@ async def follow(session: Session, channel: str, *, since: Position | None,
         # Retention trimmed events after `since`: it cannot be resumed exactly. PROTOCOL.md:
         # recovered false, with the current views instead.
         since, snapshot = None, True
+    # A `refresh` may have narrowed the grant during the awaits above: checked again, with
+    # no await between the check and the registration (which a later refresh will find).
+    principal = granted(session, kind, name, scope)
     sub = Subscription(session.conn, channel, since or ZERO, scope=scope)
     session.add_subscription(sub)
     answer: dict[str, Any] = {"type": "subscribed", "channel": channel, "recovered": False,
@@ -78,6 +99,9 @@ async def follow(session: Session, channel: str, *, since: Position | None,
                 page = await services.log.list_views(TaskQuery(
                     scope=name or None, limit=MAX_LIST,
                     scope_patterns=None if "*" in principal.scopes else principal.scopes))
+                # A `refresh` during the read dropped a `scope:` subscription it no longer
+                # grants (and named it): refused as such, never answered with its views.
+                principal = granted(session, kind, name, scope)
                 views = [compact(v) for v in page.tasks if principal.may(v["scope"])]
                 answer["position"] = encode(page.position)
             # Live updates the snapshot already contains are skipped, per task, by version.

@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
+import pytest
+from websockets.frames import Frame, Opcode
+
 from cli.process import Process
 from events.ids import ZERO, encode
 from server.protocol.auth import mint
@@ -42,3 +46,57 @@ async def test_an_all_catch_up_carries_only_the_principals_scopes(launch: Launch
     assert {f["event"]["task"] for f in seen} == {tasks["project:1"]}
     versions = [f["event"]["version"] for f in seen]
     assert versions == list(range(1, len(versions) + 1))
+
+
+def _in_one_write(client: Client, *frames: dict[str, Any]) -> None:
+    """Send `frames` in a single TCP write, so the server reads them together and runs their
+    handlers concurrently (the second starts while the first awaits the database)."""
+    client.ws.transport.write(b"".join(Frame(Opcode.TEXT, orjson.dumps(f)).serialize(mask=True)
+                                       for f in frames))
+
+
+@pytest.mark.parametrize("variant", ["task", "scope since", "scope snapshot", "all snapshot"])
+async def test_a_refresh_racing_a_subscribe_never_lets_the_old_grant_through(
+        launch: Launch, variant: str) -> None:
+    """A `refresh` to a narrower token sent right behind a `subscribe` wins: the subscription
+    is refused as refresh would drop it (`not_found` for a task, `forbidden` for a scope) or
+    named in `dropped`, and no view or event of the scope no longer granted reaches the
+    socket."""
+    process = await launch(secret=SECRET)
+    admin = await Client.open(ws_url(process), token=mint(SECRET, "admin", ["*"]))
+    parked = await admin.request({"type": "create", "kind": "demo", "scope": "project:2",
+                                  "input": {"steps": 1, "step_ms": 0, "ask_step": 1},
+                                  "subscribe": True})
+    await admin.until(lambda f: f["type"] == "update" and f["event"]["type"] == "task.question")
+    channel, extra = {"task": (f"task:{parked['task']}", {}),
+                      "scope since": ("scope:project:2", {"since": encode(ZERO)}),
+                      "scope snapshot": ("scope:project:2", {"snapshot": True}),
+                      "all snapshot": ("all", {"snapshot": True})}[variant]
+    user = await Client.open(ws_url(process), token=mint(SECRET, "u", ["project:1", "project:2"]))
+    _in_one_write(user, {"type": "subscribe", "id": "s", "channel": channel, **extra},
+                  {"type": "refresh", "id": "r", "token": mint(SECRET, "u", ["project:1"])})
+    frames: list[dict[str, Any]] = []
+
+    def answered(frame: dict[str, Any]) -> bool:
+        frames.append(frame)
+        return {"s", "r"} <= {f.get("id") for f in frames}
+
+    await user.until(answered)
+    subscribed = next(f for f in frames if f.get("id") == "s")
+    refreshed = next(f for f in frames if f.get("id") == "r")
+    assert refreshed["type"] == "result", refreshed
+    if channel == "all":
+        assert subscribed["type"] == "subscribed", subscribed
+    else:
+        refused = subscribed["type"] == "error" and subscribed["code"] == (
+            "not_found" if variant == "task" else "forbidden")
+        assert refused or channel in refreshed["data"]["dropped"], (subscribed, refreshed)
+    # The task of project:2 moves on; nothing of it may reach the narrowed socket.
+    await admin.request({"type": "answer", "task": parked["task"], "question": "q_1", "answer": "approve"})
+    await admin.until(lambda f: f["type"] == "update" and f["event"]["type"] == "task.completed",
+                      within=20)
+    _in_one_write(user, {"type": "ping", "id": "p"})
+    await user.until(lambda f: frames.append(f) is None and f.get("id") == "p", within=10)
+    views = [v for f in frames if f["type"] == "subscribed" for v in f["tasks"]]
+    assert all(v["scope"] == "project:1" for v in views), views
+    assert not [f for f in frames if f["type"] == "update"]

@@ -83,6 +83,10 @@ async def create(session: Session, request: Request) -> dict[str, Any] | None:
     depends_on = list(dict.fromkeys(f.get("depends_on") or []))
     if depends_on:
         scopes = await services.log.scopes(depends_on)
+        # A `refresh` may have narrowed the grant during that await: checked again with the
+        # principal as it is now, with no await between this check and the write below.
+        principal = session.require_principal()
+        principal.require(scope)
         for dep in depends_on:
             if dep not in scopes or not principal.may(scopes[TaskId(dep)]):
                 raise NotFound(not_found_message(dep))
@@ -123,9 +127,15 @@ async def _command(session: Session, request: Request,
     started = time.perf_counter()
     principal = session.require_principal()
     f = cast(TaskFields, request.fields)
+
+    def check(view: View) -> None:
+        # Run by the log once it has read the view, just before its write: the principal as
+        # it is then, so a `refresh` during the read is obeyed (as for a missing task).
+        session.require_principal().require_task(view)
+
     ack = await session.services.log.command(TaskId(f["task"]), decision,
                                          principal=principal.name, key=f.get("key"),
-                                         check=principal.require_task)
+                                         check=check)
     session.services.metrics.observe_ack(time.perf_counter() - started)
     if Status(ack.status).terminal and not ack.duplicate:
         session.services.spawn(deps.release(session.services.log, ack.task))

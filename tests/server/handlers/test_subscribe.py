@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import orjson
 import pytest
-from websockets.frames import Frame, Opcode
 
 from cli.process import Process
 from events.ids import ZERO, encode
 from server.protocol.auth import mint
 from tests.conftest import ws_url
+from tests.server.handlers.racing import answers, in_one_write
 from tests.wsclient import Client
 
 Launch = Callable[..., Awaitable[Process]]
@@ -48,12 +47,6 @@ async def test_an_all_catch_up_carries_only_the_principals_scopes(launch: Launch
     assert versions == list(range(1, len(versions) + 1))
 
 
-def _in_one_write(client: Client, *frames: dict[str, Any]) -> None:
-    """Send `frames` in a single TCP write, so the server reads them together and runs their
-    handlers concurrently (the second starts while the first awaits the database)."""
-    client.ws.transport.write(b"".join(Frame(Opcode.TEXT, orjson.dumps(f)).serialize(mask=True)
-                                       for f in frames))
-
 
 @pytest.mark.parametrize("variant", ["task", "scope since", "scope snapshot", "all snapshot"])
 async def test_a_refresh_racing_a_subscribe_never_lets_the_old_grant_through(
@@ -73,17 +66,11 @@ async def test_a_refresh_racing_a_subscribe_never_lets_the_old_grant_through(
                       "scope snapshot": ("scope:project:2", {"snapshot": True}),
                       "all snapshot": ("all", {"snapshot": True})}[variant]
     user = await Client.open(ws_url(process), token=mint(SECRET, "u", ["project:1", "project:2"]))
-    _in_one_write(user, {"type": "subscribe", "id": "s", "channel": channel, **extra},
-                  {"type": "refresh", "id": "r", "token": mint(SECRET, "u", ["project:1"])})
+    in_one_write(user, {"type": "subscribe", "id": "s", "channel": channel, **extra},
+                 {"type": "refresh", "id": "r", "token": mint(SECRET, "u", ["project:1"])})
     frames: list[dict[str, Any]] = []
-
-    def answered(frame: dict[str, Any]) -> bool:
-        frames.append(frame)
-        return {"s", "r"} <= {f.get("id") for f in frames}
-
-    await user.until(answered)
-    subscribed = next(f for f in frames if f.get("id") == "s")
-    refreshed = next(f for f in frames if f.get("id") == "r")
+    answered = await answers(user, "s", "r", seen=frames)
+    subscribed, refreshed = answered["s"], answered["r"]
     assert refreshed["type"] == "result", refreshed
     if channel == "all":
         assert subscribed["type"] == "subscribed", subscribed
@@ -95,8 +82,8 @@ async def test_a_refresh_racing_a_subscribe_never_lets_the_old_grant_through(
     await admin.request({"type": "answer", "task": parked["task"], "question": "q_1", "answer": "approve"})
     await admin.until(lambda f: f["type"] == "update" and f["event"]["type"] == "task.completed",
                       within=20)
-    _in_one_write(user, {"type": "ping", "id": "p"})
-    await user.until(lambda f: frames.append(f) is None and f.get("id") == "p", within=10)
+    in_one_write(user, {"type": "ping", "id": "p"})
+    await answers(user, "p", seen=frames)
     views = [v for f in frames if f["type"] == "subscribed" for v in f["tasks"]]
     assert all(v["scope"] == "project:1" for v in views), views
     assert not [f for f in frames if f["type"] == "update"]

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from events.errors import BadRequest, NotFound
 from events.fold import compact
-from events.ids import ZERO, Position, TaskId, encode
+from events.ids import ZERO, Position, TaskId, encode, split
 from events.tasks import MAX_LIST, TaskQuery
 from server.fanout.hub import Subscription, frame
 from server.protocol.auth import Principal, not_found_message
@@ -73,9 +73,9 @@ async def follow(session: Session, channel: str, *, since: Position | None,
         scope = name
     if from_start:
         since = ZERO
-    elif since is not None and since <= (floor := await services.log.retention_floor()) and floor != ZERO:
-        # Retention trimmed events after `since`: it cannot be resumed exactly. PROTOCOL.md:
-        # recovered false, with the current views instead.
+    elif since is not None and not await _resumable(session, since):
+        # PROTOCOL.md: a `since` that cannot be resumed exactly is answered recovered false,
+        # with the current views instead.
         since, snapshot = None, True
     # A `refresh` may have narrowed the grant during the awaits above: checked again, with
     # no await between the check and the registration (which a later refresh will find).
@@ -116,6 +116,20 @@ async def follow(session: Session, channel: str, *, since: Position | None,
         raise
     if sub.active:
         sub.go_live()
+
+
+async def _resumable(session: Session, since: Position) -> bool:
+    """Whether the log can deliver exactly what came after `since`. Not when retention
+    trimmed events after it, nor when this database never gave it out: its transaction id
+    is at or beyond the next one to be assigned (a position cached from another deployment,
+    or from a database since restored or recreated). Such a subscription would otherwise be
+    accepted and stay silent until the log reached a position that may never come. Every
+    position the server gave out is an event's, committed, so its transaction id is below."""
+    log = session.services.log
+    floor = await log.retention_floor()
+    if floor != ZERO and since <= floor:
+        return False
+    return split(since)[0] < (await log.bound()).head
 
 
 async def _catch_up(session: Session, sub: Subscription, kind: str, name: str) -> None:

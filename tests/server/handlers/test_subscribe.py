@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from cli.process import Process
-from events.ids import ZERO, encode
+from events.ids import ZERO, encode, position
 from server.protocol.auth import mint
 from tests.conftest import ws_url
 from tests.server.handlers.racing import answers, in_one_write
@@ -87,3 +87,29 @@ async def test_a_refresh_racing_a_subscribe_never_lets_the_old_grant_through(
     views = [v for f in frames if f["type"] == "subscribed" for v in f["tasks"]]
     assert all(v["scope"] == "project:1" for v in views), views
     assert not [f for f in frames if f["type"] == "update"]
+
+
+@pytest.mark.parametrize("channel", ["task", "scope:p:ahead", "all"])
+async def test_a_since_this_database_never_gave_out_answers_current_views_and_goes_live(
+        launch: Launch, channel: str) -> None:
+    """A `since` beyond the log's head (cached from another deployment or database) cannot
+    be resumed: `recovered: false` with the current views, and live updates follow, rather
+    than a subscription silent until the log reaches that position."""
+    process = await launch()
+    client = await Client.open(ws_url(process))
+    parked = await client.request({"type": "create", "kind": "demo", "scope": "p:ahead",
+                                   "input": {"steps": 1, "step_ms": 0, "ask_step": 1},
+                                   "subscribe": True})
+    question = await client.until(lambda f: f["type"] == "update"
+                                  and f["event"]["type"] == "task.question")
+    channel = f"task:{parked['task']}" if channel == "task" else channel
+    ahead = encode(position(2**40, 7))  # a transaction id this database has not reached
+    sub = await client.request({"type": "subscribe", "channel": channel, "since": ahead})
+    assert sub["type"] == "subscribed" and sub["recovered"] is False, sub
+    assert [(t["id"], t["version"]) for t in sub["tasks"]] == [
+        (parked["task"], question["event"]["version"])]
+    assert sub["position"] < ahead
+    await client.request({"type": "answer", "task": parked["task"], "question": "q_1",
+                          "answer": "approve"})
+    await client.until(lambda f: f["type"] == "update" and f["channel"] == channel
+                       and f["event"]["type"] == "task.completed", within=20)

@@ -17,7 +17,7 @@ from typing import Any
 
 from events.relay.publisher import RelayConfig
 from events.worker import WorkerConfig
-from server.protocol.frames import DEFAULT_LIMITS, FrameLimits
+from server.protocol.frames import DEFAULT_LIMITS, ENCODABLE_DEPTH, FrameLimits
 
 _W = WorkerConfig()
 
@@ -104,11 +104,16 @@ def _origin_list(v: Any) -> bool:
     return all(o == "*" or o == "null" or "://" in o for o in v)
 
 
+def _json_depth(v: Any) -> bool:
+    return bool(1 <= v <= ENCODABLE_DEPTH)
+
+
 _RULES: dict[str, Callable[[Any], bool]] = {"port": _port, "allowed_origins": _origin_list,
-                                            "scope_limit": _positive}
+                                            "scope_limit": _positive, "max_json_depth": _json_depth}
 _RULE_TEXT: dict[Callable[[Any], bool], str] = {
     _positive: "must be a positive number", _port: "must be a port (0..65535)",
-    _origin_list: "each must be an origin (scheme://host[:port]), `null` or `*`"}
+    _origin_list: "each must be an origin (scheme://host[:port]), `null` or `*`",
+    _json_depth: f"must be in 1..{ENCODABLE_DEPTH} (the deepest JSON the server can encode)"}
 _ENV = {"database_url": "DATABASE_URL", "redis_url": "REDIS_URL"}
 
 

@@ -41,12 +41,20 @@ MAX_HISTORY_LIMIT = 1000
 MAX_VERSION = 2**31 - 1
 
 
+ENCODABLE_DEPTH = 254  # the deepest nesting orjson encodes (deeper: "Recursion limit reached")
+
+
 @dataclass(frozen=True, slots=True)
 class FrameLimits:
     """The settable limits of what a frame may carry (Settings builds one)."""
 
     max_input_bytes: int = 64 * 1024  # `input` of create, `answer` of answer, encoded
     max_json_depth: int = 32  # nesting of objects and arrays in `input` and `answer`
+
+    def __post_init__(self) -> None:
+        # Deeper than the encoder can go, a stored input could never be sent again.
+        if not 1 <= self.max_json_depth <= ENCODABLE_DEPTH:
+            raise ValueError(f"max_json_depth must be in 1..{ENCODABLE_DEPTH}")
 
 
 DEFAULT_LIMITS = FrameLimits()
@@ -202,15 +210,13 @@ def _status(v: Any, _: FrameLimits) -> str:
 
 
 def json_problem(value: Any, limits: FrameLimits) -> str | None:
-    """Why `value` may not be stored as a task's input or an answer, or None. Checked here
-    so that whatever is committed can be encoded again (orjson refuses depth > 254) and
-    stored (PostgreSQL's jsonb refuses NUL)."""
-    try:
-        size = len(orjson.dumps(value))
-    except orjson.JSONEncodeError:
-        return f"is nested more than {limits.max_json_depth} levels"
-    if size > limits.max_input_bytes:
-        return f"must encode to at most {limits.max_input_bytes} bytes of JSON (it is {size})"
+    """Why `value`, as `decode` parsed it, may not be stored as a task's input or an answer,
+    or None. Checked here so that whatever is committed can be encoded again and stored
+    (PostgreSQL's jsonb refuses NUL).
+
+    The depth is walked first, iteratively: within `max_json_depth` (at most
+    ENCODABLE_DEPTH) orjson encodes any value its decoder produced (string keys, valid
+    UTF-8, 64-bit integers, finite floats), so encoding to measure the size cannot fail."""
     stack: list[tuple[Iterable[Any], int]] = [((value,), 0)]
     while stack:
         items, depth = stack.pop()
@@ -228,6 +234,9 @@ def json_problem(value: Any, limits: FrameLimits) -> str | None:
                 if depth >= limits.max_json_depth:
                     return f"is nested more than {limits.max_json_depth} levels"
                 stack.append((x, depth + 1))
+    size = len(orjson.dumps(value))
+    if size > limits.max_input_bytes:
+        return f"must encode to at most {limits.max_input_bytes} bytes of JSON (it is {size})"
     return None
 
 

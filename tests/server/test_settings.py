@@ -32,6 +32,7 @@ def test_defaults_come_from_the_code_they_configure() -> None:
     ({"TASKCAST_LEASE_S": "0"}, "TASKCAST_LEASE_S"),
     ({"TASKCAST_PORT": "70000"}, "TASKCAST_PORT"),
     ({"TASKCAST_MAX_JSON_DEPTH": "-1"}, "TASKCAST_MAX_JSON_DEPTH"),
+    ({"TASKCAST_MAX_JSON_DEPTH": "255"}, "TASKCAST_MAX_JSON_DEPTH"),  # deeper than orjson encodes
     ({"TASKCAST_ALLOWED_ORIGINS": "evil.example"}, "TASKCAST_ALLOWED_ORIGINS"),
 ])
 def test_a_bad_value_is_refused_naming_its_variable(env: dict[str, str], variable: str) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.protocol.frames import FrameError, decode
+from server.protocol.frames import ENCODABLE_DEPTH, FrameError, FrameLimits, decode
 
 
 def test_a_valid_create_decodes() -> None:
@@ -126,3 +127,25 @@ def test_a_decoded_request_carries_only_the_known_fields() -> None:
     """Unknown fields are ignored (PROTOCOL.md): nothing unchecked reaches a handler."""
     request = decode(_create(extra={"deep": _nested(600)}))
     assert "extra" not in request.fields and request.fields["kind"] == "demo"
+
+
+def test_the_depth_limit_is_the_one_named_up_to_what_the_encoder_can_encode() -> None:
+    """At the deepest limit allowed (254, orjson's), 254 levels are accepted and stored
+    input can be encoded again; 255 are refused naming that limit. A deeper limit cannot
+    be set: the message would name a depth the server cannot honour."""
+    deepest = FrameLimits(max_input_bytes=1 << 20, max_json_depth=ENCODABLE_DEPTH)
+    accepted = decode(_create(input=_nested(ENCODABLE_DEPTH)), deepest)
+    assert orjson.loads(orjson.dumps(accepted.fields["input"])) == _nested(ENCODABLE_DEPTH)
+    with pytest.raises(FrameError, match=f"`input` is nested more than {ENCODABLE_DEPTH} levels"):
+        decode(_create(input=_nested(ENCODABLE_DEPTH + 1)), deepest)
+    with pytest.raises(ValueError, match="max_json_depth"):
+        FrameLimits(max_json_depth=ENCODABLE_DEPTH + 1)
+
+
+def test_a_deep_input_is_refused_for_its_depth_and_a_large_one_for_its_size() -> None:
+    """Each limit names itself: depth (also past what orjson encodes) before size, and
+    the size message gives the input's encoded size."""
+    with pytest.raises(FrameError, match="`input` is nested more than 32 levels"):
+        decode(_create(input={"blob": "x" * 70_000, "deep": _nested(600)}))
+    with pytest.raises(FrameError, match=r"at most 65536 bytes of JSON \(it is 70011\)"):
+        decode(_create(input={"blob": "x" * 70_000}))

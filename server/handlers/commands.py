@@ -20,7 +20,7 @@ from events.ids import TaskId, encode, new_task_id
 from events.log import Ack, CreateTask
 from events.model import Status
 from server.fanout.hub import Subscription
-from server.protocol.auth import Principal, not_found_message
+from server.protocol.auth import not_found_message
 from server.protocol.frames import AnswerFields, CreateFields, RefreshFields, Request, TaskFields
 
 if TYPE_CHECKING:
@@ -36,10 +36,11 @@ def result(request: Request, data: Any) -> dict[str, Any]:
     return {"type": "result", "id": request.id, "data": data}
 
 
-async def visible_view(session: Session, principal: Principal, task: str) -> View:
-    """The view of a task the principal may read. Raises NotFound (also when it may not)."""
+async def visible_view(session: Session, task: str) -> View:
+    """The view of a task the session's principal may read, as it is once the view is read
+    (a `refresh` during the read is obeyed). Raises NotFound (also when it may not)."""
     view = await session.services.log.view(TaskId(task))
-    principal.require_task(view)
+    session.require_principal().require_task(view)
     return view
 
 

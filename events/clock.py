@@ -17,4 +17,4 @@ class SystemClock:
 
 def iso(moment: datetime) -> str:
     """`2026-11-21T10:00:00.000Z`: the protocol's timestamp form."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

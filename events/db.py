@@ -45,6 +45,21 @@ def _decode_jsonb(data: bytes) -> Any:
         return {"undecodable": True}
 
 
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled connection that goes back to the pool without a reset query.
+
+    asyncpg's default reset (unlock advisory locks, CLOSE ALL, UNLISTEN, RESET ALL) is a
+    round trip on every release: as much as the statement itself for most of ours. Nothing
+    taskcast runs on a pooled connection leaves session state behind: LISTEN is done on
+    connections of their own (`connect`), settings are transaction-local, and the one
+    session advisory lock (events/kinds/repolock.py) is released by its holder, which
+    terminates the connection when it cannot. An open transaction is still rolled back.
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
 async def _init(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", format="binary",
@@ -57,7 +72,7 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
     """A pool with taskcast's codecs. Raises Unavailable when PostgreSQL cannot be reached."""
     with translate():
         pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size, init=_init,
-                                         command_timeout=30)
+                                         command_timeout=30, connection_class=_Connection)
     assert pool is not None
     return pool
 

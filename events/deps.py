@@ -4,6 +4,7 @@ failed, was cancelled or timed out fails its dependents (with the reason), trans
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from events import db
 from events.decide import Decision
@@ -53,13 +54,11 @@ async def _decide(log_: EventLog, task: TaskId, decision: Decision) -> Status | 
     return Status(ack.status)
 
 
-async def release(log_: EventLog, finished: TaskId) -> None:
-    """Settle every task waiting on `finished`, and theirs in turn when they fail."""
-    todo = [finished]
+async def release(log_: EventLog, finished: Sequence[TaskId]) -> None:
+    """Settle every task waiting on one of `finished`, and theirs in turn when they fail.
+    One query per round, however many tasks finished (a worker batches them)."""
+    todo = list(finished)
     while todo:
-        current = todo.pop()
         async with db.acquire(log_.pool) as conn:
-            waiting = [TaskId(r["id"]) for r in await conn.fetch(q("waiting_on"), current)]
-        for task in waiting:
-            if await settle(log_, task) is Status.FAILED:
-                todo.append(task)
+            waiting = [TaskId(r["id"]) for r in await conn.fetch(q("waiting_on"), todo)]
+        todo = [task for task in waiting if await settle(log_, task) is Status.FAILED]

@@ -72,7 +72,7 @@ class Janitor:
 
     async def _settle(self, task: TaskId) -> None:
         if await deps.settle(self.log, task) is Status.FAILED:
-            await deps.release(self.log, task)
+            await deps.release(self.log, [task])
 
     async def _time_out(self, task: TaskId) -> None:
         """Time out a task whose worker is gone (a live worker times out its own tasks)."""
@@ -85,4 +85,4 @@ class Janitor:
             await self.log.command(task, decide.time_out)
         except (Conflict, NotFound):
             return
-        await deps.release(self.log, task)
+        await deps.release(self.log, [task])

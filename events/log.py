@@ -1,8 +1,10 @@
 """The event log: create tasks, append events, read them back in position order.
 
-Every write goes through one SQL function (`taskcast_create`, `taskcast_append`), one
-round trip and one transaction that writes the events, the task projection and, where
-asked, the job row. The projection is computed here by the pure fold (`events.fold`).
+Every write goes through one SQL function, one round trip and one transaction that writes
+the events, the task projection and, where asked, the job row: `taskcast_create`, and
+`taskcast_append_batch`, whose transaction holds the appends of every task in the process
+that were queued meanwhile (group commit, events/commit.py). The projection is computed
+here by the pure fold (`events.fold`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncpg
 from events import db
 from events.bound import Bound, bound_on
 from events.clock import Clock, SystemClock, iso
+from events.commit import Append, Create, GroupCommit
 from events.decide import Decision
 from events.errors import DuplicateKey, NotFound, VersionConflict
 from events.fold import View, apply, created_view
@@ -71,6 +74,7 @@ class EventLog:
         self.pool = pool
         self.clock = clock or SystemClock()
         self.on_append = on_append  # told after each committed append (the relay's wake-up)
+        self.committer = GroupCommit(pool)
 
     async def create(self, spec: CreateTask, *, principal: str = "", key: str | None = None,
                      task: TaskId | None = None) -> Ack:
@@ -82,20 +86,10 @@ class EventLog:
         task = task or new_task_id()
         now = self.clock.now()
         data = spec.data()
-        view = created_view(task, data, iso(now))
-        job_state = None if spec.depends_on else JobChange.QUEUED
-        for _ in range(2):
-            try:
-                async with db.acquire(self.pool) as conn:
-                    row = await conn.fetchrow(
-                        q("create"), task, spec.kind, spec.scope, view["status"], view,
-                        spec.labels, spec.priority, data, now, job_state, spec.mutex, principal, key)
-            except DuplicateKey:
-                continue  # a concurrent command with the same key won; read its ack
-            assert row is not None
-            return Ack(TaskId(row["task"]), row["status"], position(row["xid"], row["seq"]),
-                       row["duplicate"])
-        raise VersionConflict(f"key {key!r} is being used by a concurrent command")
+        created = await self.committer.create(Create(
+            task, spec.kind, spec.scope, created_view(task, data, iso(now)), spec.priority, data,
+            now, None if spec.depends_on else JobChange.QUEUED, spec.mutex, principal, key))
+        return Ack(created.task, created.status, created.position, created.duplicate)
 
     async def append(self, task: TaskId, view: View, events: Sequence[NewEvent], *,
                      fence: FenceToken | None = None, job_state: JobChange | None = None,
@@ -113,15 +107,13 @@ class EventLog:
         new = view
         for i, event in enumerate(events, start=1):
             new = apply(new, task, view["version"] + i, event.type, event.data, at)
-        async with db.acquire(self.pool) as conn:
-            rows = await conn.fetch(
-                q("append"), task, view["version"], new["status"], new,
-                [e.type.value for e in events], [e.data for e in events], [now] * len(events),
-                fence, job_state, run_at, principal, key)
+        written = await self.committer.append(Append(
+            task, view["version"], new, events, now, fence=fence, job_state=job_state,
+            run_at=run_at, principal=principal, key=key))
         if self.on_append is not None:
             self.on_append()
-        stored = [Event(task, r["version"], e.type, e.data, at, position(r["xid"], r["seq"]),
-                        view["scope"]) for r, e in zip(rows, events, strict=True)]
+        stored = [Event(task, version, e.type, e.data, at, pos, view["scope"])
+                  for (version, pos), e in zip(written, events, strict=True)]
         new = dict(new)
         new["position"] = encode(stored[-1].position)
         return new, stored

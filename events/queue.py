@@ -7,15 +7,27 @@ with, so a worker that lost its lease can write nothing (invariant 3).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import asyncpg
 
 from events import db
-from events.fold import View
-from events.ids import FenceToken, TaskId
+from events.clock import iso
+from events.commit import Append, Stored, append_batch
+from events.errors import TaskcastError
+from events.fold import View, apply
+from events.ids import FenceToken, TaskId, encode
+from events.model import EventType, NewEvent, Status
 from events.sql import q
+
+log = logging.getLogger("taskcast.queue")
+
+
+_STARTING = frozenset({Status.QUEUED.value, Status.RETRYING.value})
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,18 +39,49 @@ class Claim:
     view: View
 
 
+def _start(claim: Claim, worker: str) -> Append:
+    now = datetime.now(UTC)
+    view = claim.view
+    data = {"worker": worker, "attempt": view.get("attempt", 1)}
+    new = apply(view, claim.task, view["version"] + 1, EventType.TASK_STARTED, data, iso(now))
+    return Append(claim.task, view["version"], new, [NewEvent(EventType.TASK_STARTED, data)], now,
+                  fence=claim.fence)
+
+
+def _started(claim: Claim, start: Append, written: Stored | TaskcastError) -> Claim:
+    """The claim with its view after `task.started`; as it was when that append failed
+    (the runner then writes `task.started` itself)."""
+    if isinstance(written, TaskcastError):
+        log.warning("claimed %s but could not start it in the claim: %s", claim.task, written)
+        return claim
+    view = dict(start.new)
+    view["position"] = encode(written[-1][1])
+    return dataclasses.replace(claim, view=view)
+
+
 class Queue:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, on_append: Callable[[], None] | None = None) -> None:
         self.pool = pool
+        self.on_append = on_append  # told when a claim wrote events (the relay's wake-up)
 
     async def claim(self, owner: str, kinds: Sequence[str], *, limit: int, lease_s: float,
                     scope_limit: int | None = None) -> list[Claim]:
         """Lease up to `limit` runnable jobs of `kinds` (SKIP LOCKED: claimers never wait
-        on each other), at most `scope_limit` running per scope. Raises Unavailable."""
+        on each other), at most `scope_limit` running per scope, and start them: the
+        `task.started` of each task that was queued is appended in the claim's transaction,
+        so a claim and its start are one commit. Raises Unavailable."""
         async with db.acquire(self.pool) as conn:
-            rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s, scope_limit)
-        return [Claim(TaskId(r["task_id"]), FenceToken(r["fence"]), r["attempt"],
-                      r["cancel_requested"], r["view"]) for r in rows]
+            with db.translate():
+                async with conn.transaction():
+                    rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s, scope_limit)
+                    claims = [Claim(TaskId(r["task_id"]), FenceToken(r["fence"]), r["attempt"],
+                                    r["cancel_requested"], r["view"]) for r in rows]
+                    starts = {c.task: _start(c, owner) for c in claims if c.view["status"] in _STARTING}
+                    written = await append_batch(conn, list(starts.values())) if starts else []
+        if written and self.on_append is not None:
+            self.on_append()
+        started = dict(zip(starts, written, strict=True))
+        return [_started(c, starts[c.task], started[c.task]) if c.task in started else c for c in claims]
 
     async def heartbeat(self, task: TaskId, fence: FenceToken, lease_s: float) -> bool | None:
         """Extend a lease. Returns the cancel flag, or None when the lease is lost."""

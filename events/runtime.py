@@ -86,10 +86,12 @@ class RunContext:
         self._total: int | None = None
         self._questions = 0
         self._pending_progress: NewEvent | None = None
+        self._deferred: list[NewEvent] = []  # events to write with the next write
         self._pending_lines: list[str] = []
         self._pending_chars = 0
         self._write_lock = asyncio.Lock()
-        self._flusher: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.Handle | None = None
+        self._flush_due = 0.0
         self._flushing: asyncio.Task[None] | None = None
         self._dropped_lines = 0
         if claim.cancel_requested or claim.view.get("cancel_requested"):
@@ -122,14 +124,18 @@ class RunContext:
         if self.completed(name):
             return self.result_of(name)  # type: ignore[no-any-return]
         self.check_cancelled()
-        if any(s["name"] == name for s in self.view["steps"]):
-            # Run before, by a claim that died: nothing it started may run beside this run.
+        if self.fence > 1 or any(s["name"] == name for s in self.view["steps"]):
+            # An earlier claim may have run it and died (its `step.started` may not have
+            # been committed): nothing that run started may run beside this one.
             await asyncio.to_thread(attempt.kill_leftovers, self.task, self.fence, name)
         self.step_name = name
         started: dict[str, Any] = {"step": name, "worker": self.worker}
         if self._total is not None:
             started["steps_total"] = self._total
-        await self.write([NewEvent(E.STEP_STARTED, started)])
+        # Not awaited: written at once by a flush, or, when the step is over first (a quick
+        # one), in the same commit as its end. Either way before anything else of the task.
+        self._deferred.append(NewEvent(E.STEP_STARTED, started))
+        self._schedule_flush(0)
         owner = attempt.CURRENT.set(attempt.Owner(self.task, self.fence, name))
         try:
             result = await fn()
@@ -199,9 +205,16 @@ class RunContext:
 
     # writing
 
-    def _schedule_flush(self) -> None:
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().call_later(self.flush_s, self._start_flush)
+    def _schedule_flush(self, delay_s: float | None = None) -> None:
+        """Flush in `delay_s` (default flush_s), unless one is due sooner already."""
+        delay_s = self.flush_s if delay_s is None else delay_s
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay_s
+        if self._flusher is not None:
+            if self._flush_due <= due:
+                return
+            self._flusher.cancel()
+        self._flusher, self._flush_due = loop.call_later(delay_s, self._start_flush), due
 
     def _start_flush(self) -> None:
         self._flusher = None
@@ -233,7 +246,7 @@ class RunContext:
             if self._flusher is not None:
                 self._flusher.cancel()
                 self._flusher = None
-            batch: list[NewEvent] = []
+            batch, self._deferred = self._deferred, []
             if self._pending_lines and self.step_name is not None:
                 lines = self._pending_lines
                 if self._dropped_lines:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from events import db, deps
 from events.aio import pause, raise_if_cancelling, wait_event
+from events.commit import Batcher
 from events.errors import TaskcastError, Unavailable
 from events.ids import TaskId
 from events.janitor import Janitor
@@ -55,7 +56,7 @@ class Worker:
                  config: WorkerConfig, *, name: str | None = None) -> None:
         self.database_url = database_url
         self.log = log_
-        self.queue = Queue(log_.pool)
+        self.queue = Queue(log_.pool, on_append=log_.on_append)
         self.kinds = dict(kinds)
         self.config = config
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -68,6 +69,9 @@ class Worker:
         self.listening = asyncio.Event()
         self.errors = 0  # failures a loop survived (logged with their item)
         self.janitor = Janitor(log_, self.kinds, config, worker=self.name)
+        # The dependents of the tasks that ended, looked up for many at once.
+        self._releases: Batcher[TaskId, None] = Batcher(self._release, key=lambda t: t,
+                                                        in_flight=1, name="release dependents")
 
     async def run(self) -> None:
         """Run until cancelled; on cancel, running tasks are cancelled and awaited (their
@@ -151,7 +155,7 @@ class Worker:
             self._wake.clear()
             try:
                 claims = await self.queue.claim(
-                    self.name, list(self.kinds), limit=self.config.concurrency - len(self._running),
+                    self.name, list(self.kinds), limit=self._claim_size(),
                     lease_s=self.config.lease_s, scope_limit=self.config.scope_limit)
             except Unavailable as exc:
                 log.warning("cannot claim: %s", exc)
@@ -174,6 +178,13 @@ class Worker:
                 continue  # there may be more
             await wait_event(self._wake, self.config.poll_s)
 
+    def _claim_size(self) -> int:
+        """How many jobs to claim now: the free slots, but at most a quarter of them all at
+        once, so that tasks started together do not all end together and leave the
+        database idle while the next ones are claimed (claims, steps and ends overlap)."""
+        free = self.config.concurrency - len(self._running)
+        return max(1, min(free, -(-self.config.concurrency // 4)))
+
     async def _execute(self, claim: Claim) -> None:
         kind = self.kinds.get(claim.view["kind"])
         if kind is None:  # claims name only our kinds; a view that disagrees is corrupt
@@ -191,9 +202,13 @@ class Worker:
                                  workspace_root=self.config.workspace_root, on_context=track)
         if status is not None and status.terminal:
             try:
-                await deps.release(self.log, claim.task)
+                await self._releases.submit(claim.task)
             except TaskcastError as exc:  # the maintain loop settles them later
                 log.warning("cannot release the dependents of %s now: %s", claim.task, exc)
+
+    async def _release(self, finished: list[TaskId]) -> list[None]:
+        await deps.release(self.log, finished)
+        return [None] * len(finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

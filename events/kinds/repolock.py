@@ -60,5 +60,11 @@ async def holding(ctx: TaskContext, identity: Path) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            # Shielded: a lock left held would block the repository until the pool closes.
-            await asyncio.shield(conn.fetchval(_queries()["repo_unlock"], name))
+            # A lock left held would block the repository until the connection closes (the
+            # pool does not reset connections, events/db.py): when the unlock cannot be
+            # seen to finish, the connection is ended, and its session's locks with it.
+            try:
+                await asyncio.shield(conn.fetchval(_queries()["repo_unlock"], name))
+            except BaseException:
+                conn.terminate()
+                raise

@@ -64,13 +64,13 @@ SELECT t.view, t.version, e.xid, e.seq
   LEFT JOIN events AS e ON e.task_id = t.id AND e.version = t.version
  WHERE t.id = $1;
 
--- name: append
-SELECT xid, seq, version
-  FROM taskcast_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12);
+-- name: append_batch
+SELECT item, outcome, xid, seq, version
+  FROM taskcast_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13);
 
--- name: create
-SELECT task, status, xid, seq, duplicate
-  FROM taskcast_create($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13);
+-- name: create_batch
+SELECT item, task, status, xid, seq, duplicate
+  FROM taskcast_create_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12);
 
 -- name: command_key
 SELECT k.task_id, k.status, k.xid, k.seq
@@ -122,7 +122,9 @@ SELECT t.id, t.view, t.created_at, e.xid, e.seq
 SELECT t.id, t.status FROM tasks AS t WHERE t.id = ANY ($1::text[]);
 
 -- name: waiting_on
-SELECT t.id FROM tasks AS t WHERE t.status = 'waiting' AND t.view -> 'depends_on' ? $1;
+-- Waiting tasks that depend on any of $1.
+SELECT DISTINCT t.id FROM task_dependencies AS d JOIN tasks AS t ON t.id = d.task_id
+ WHERE d.depends_on = ANY ($1::text[]) AND t.status = 'waiting';
 
 -- name: waiting_tasks
 SELECT t.id FROM tasks AS t WHERE t.status = 'waiting' ORDER BY t.created_at LIMIT $1;

@@ -139,7 +139,7 @@ async def _command(session: Session, request: Request,
                                          check=check)
     session.services.metrics.observe_ack(time.perf_counter() - started)
     if Status(ack.status).terminal and not ack.duplicate:
-        session.services.spawn(deps.release(session.services.log, ack.task))
+        session.services.spawn(deps.release(session.services.log, [ack.task]))
     return ack_frame(request, ack)
 
 

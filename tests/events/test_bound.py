@@ -13,6 +13,7 @@ from cli.process import Process
 from events import db
 from events.bound import XID_EPOCH, Writer, compute, widen
 from events.clock import SystemClock
+from events.commit import Append, append_batch
 from events.fold import View, apply
 from events.ids import TaskId
 from events.log import CreateTask, EventLog
@@ -55,13 +56,14 @@ def test_the_bound_is_the_oldest_writer_capped_by_x0() -> None:
 
 
 async def _begin_append(conn: asyncpg.Connection, log: EventLog, task: TaskId) -> None:
-    """BEGIN and append `task.started` through taskcast_append, leaving the transaction open:
+    """BEGIN and append `task.started` through taskcast_append_batch, leaving the transaction open:
     a taskcast writer stalled mid-transaction (announced, xid assigned, not committed)."""
     view: View = await log.view(task)
     new = apply(view, task, view["version"] + 1, E.TASK_STARTED, {}, "t")
     await conn.execute("BEGIN")
-    await conn.fetch(q("append"), task, view["version"], new["status"], new, [E.TASK_STARTED.value],
-                     [{}], [SystemClock().now()], None, None, None, None, None)
+    written = await append_batch(conn, [Append(task, view["version"], new, [NewEvent(E.TASK_STARTED, {})],
+                                               SystemClock().now())])
+    assert isinstance(written[0], list)
 
 
 @pytest.mark.parametrize("ending", ["COMMIT", "ROLLBACK"])

@@ -11,13 +11,13 @@ import pytest
 
 from events import db
 from events.clock import SystemClock
+from events.commit import Append, append_batch
 from events.errors import IllegalTransition, NotFound, StaleFence, VersionConflict
 from events.fold import View, apply
 from events.ids import ZERO, Position, TaskId, position, split
 from events.log import CreateTask, EventLog
 from events.model import EventType, NewEvent
 from events.queue import Queue
-from events.sql import q
 from tests.foreign import foreign_writes
 from tests.waiting import eventually_async
 
@@ -34,8 +34,8 @@ async def _append_slowly(conn: asyncpg.Connection, log: EventLog, task: TaskId, 
     now = SystemClock().now()
     new = apply(view, task, view["version"] + 1, event.type, event.data, "t")
     async with conn.transaction():
-        await conn.fetch(q("append"), task, view["version"], new["status"], new, [event.type.value],
-                         [event.data], [now], None, None, None, None, None)
+        written = await append_batch(conn, [Append(task, view["version"], new, [event], now)])
+        assert isinstance(written[0], list)
         await asyncio.sleep(delay_s)
     return new
 
@@ -190,7 +190,8 @@ async def test_a_superseded_fence_cannot_append_even_one_event(
     (task,) = await _created(event_log)
     queue = Queue(event_log.pool)
     (first,) = await queue.claim("worker-a", ["demo"], limit=1, lease_s=30)
-    view, _ = await event_log.append(task, first.view, [NewEvent(E.TASK_STARTED, {})], fence=first.fence)
+    view = first.view  # the claim appended task.started in its own transaction
+    assert view["status"] == "running" and view["version"] == 2
 
     conn = await asyncpg.connect(database_url)
     try:  # worker-a is paused past its lease
@@ -225,8 +226,9 @@ async def test_an_expired_lease_cannot_append_before_anyone_reclaims(event_log: 
     finally:
         await conn.close()
     with pytest.raises(StaleFence):
-        await event_log.append(task, claim.view, [NewEvent(E.TASK_STARTED, {})], fence=claim.fence)
-    assert len(await event_log.history(task)) == 1
+        await event_log.append(task, claim.view, [NewEvent(E.STEP_STARTED, {"step": "a"})],
+                               fence=claim.fence)
+    assert len(await event_log.history(task)) == 2  # task.created, and the claim's task.started
 
 
 async def test_create_with_a_key_twice_returns_the_first_ack(event_log: EventLog) -> None:

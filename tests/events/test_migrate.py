@@ -26,9 +26,10 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
     finally:
         await conn.close()
     assert tables == {"tasks", "events", "jobs", "command_keys", "relay_cursor", "retention",
-                      "taskcast_migrations"}
-    assert functions == {"taskcast_append", "taskcast_create", "taskcast_claim", "taskcast_remember_key",
-                         "taskcast_announce", "taskcast_events_announced", "taskcast_writers"}
+                      "task_dependencies", "taskcast_migrations"}
+    assert functions == {"taskcast_append_batch", "taskcast_create_batch", "taskcast_claim",
+                         "taskcast_remember_key", "taskcast_announce", "taskcast_events_announced",
+                         "taskcast_writers"}
     assert columns["xid"] == "xid8" and columns["data"] == "jsonb"
     assert triggers == {"events_announced"}
 

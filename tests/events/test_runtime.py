@@ -68,7 +68,7 @@ async def test_a_task_whose_worker_died_still_times_out(event_log: EventLog, set
     survivor = Worker(settings.database_url, event_log, builtin(), WorkerConfig(maintain_every_s=0.2))
     await survivor.maintain()
     events = await event_log.history(ack.task)
-    assert [e.type for e in events] == [E.TASK_CREATED, E.TASK_TIMED_OUT]
+    assert [e.type for e in events] == [E.TASK_CREATED, E.TASK_STARTED, E.TASK_TIMED_OUT]
 
 
 async def test_a_retryable_step_failure_retries_from_that_step(event_log: EventLog, worker: Worker) -> None:

@@ -1,0 +1,265 @@
+"""Group commit: the appends of every task in a process go to PostgreSQL together.
+
+A `Batcher` coalesces calls: while a batch is in flight, new items queue, and the next
+batch takes them all at once. `GroupCommit` is the batcher of `EventLog.append`: each batch
+is one call of `taskcast_append_batch` (migrations/0003_group_commit.sql), one transaction
+and one commit, whatever the number of tasks in it. Each item keeps its own checks: a
+stale fence, a version conflict or a used key fails that item only; an outage fails the
+batch, and each caller handles it as it would its own append's (events/runtime.py).
+
+No latency is added: an item that finds nothing in flight is sent at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+
+import asyncpg
+
+from events import db
+from events.errors import DuplicateKey, NotFound, StaleFence, TaskcastError, VersionConflict
+from events.fold import View
+from events.ids import FenceToken, Position, TaskId, position
+from events.model import JobChange, NewEvent
+from events.sql import q
+
+log = logging.getLogger("taskcast.commit")
+Item = TypeVar("Item")
+R = TypeVar("R")
+
+MAX_BATCH_ITEMS = 512
+MAX_IN_FLIGHT = 2  # batches sent before the first returns: the round trips overlap
+
+
+class Batcher(Generic[Item, R]):
+    """Runs `run(items)` on batches of submitted items, at most `in_flight` batches at a
+    time; `run` answers each item with its result or its own exception. Items with the same
+    `key` never share a batch (the later one waits for the next). A failure of `run` itself
+    is every item's."""
+
+    def __init__(self, run: Callable[[list[Item]], Awaitable[Sequence[R | BaseException]]], *,
+                 key: Callable[[Item], Hashable], max_items: int = MAX_BATCH_ITEMS,
+                 in_flight: int = MAX_IN_FLIGHT, name: str = "batch") -> None:
+        self._run = run
+        self._key = key
+        self.max_items = max_items
+        self.in_flight = in_flight
+        self.name = name
+        self._queue: deque[tuple[Item, asyncio.Future[R]]] = deque()
+        self._flushers: set[asyncio.Task[None]] = set()
+        self.batches = 0  # sent, for /metrics and the tests
+        self.items = 0
+
+    async def submit(self, item: Item) -> R:
+        """Queue `item` for the next batch; its result, or its exception."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if len(self._flushers) < self.in_flight:
+            flusher = asyncio.create_task(self._flush(), name=self.name)
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
+        return await future
+
+    def _cut(self) -> list[tuple[Item, asyncio.Future[R]]]:
+        taken: list[tuple[Item, asyncio.Future[R]]] = []
+        keys: set[Hashable] = set()
+        later: list[tuple[Item, asyncio.Future[R]]] = []
+        while self._queue and len(taken) < self.max_items:
+            item, future = self._queue.popleft()
+            if future.done():  # its caller gave up before it was sent
+                continue
+            key = self._key(item)
+            if key in keys:
+                later.append((item, future))
+                continue
+            keys.add(key)
+            taken.append((item, future))
+        self._queue.extendleft(reversed(later))
+        return taken
+
+    async def _flush(self) -> None:
+        while batch := self._cut():
+            self.batches += 1
+            self.items += len(batch)
+            try:
+                results = await self._run([item for item, _ in batch])
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(_copy(exc))
+                if isinstance(exc, asyncio.CancelledError):
+                    self._fail_queued(exc)
+                    raise
+                if not isinstance(exc, TaskcastError):
+                    log.error("%s failed", self.name, exc_info=exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        if self._flushers - {asyncio.current_task()}:
+            return  # another flusher goes on with them
+        while self._queue:
+            _, future = self._queue.popleft()
+            if not future.done():
+                future.set_exception(_copy(exc))
+
+
+def _copy(exc: BaseException) -> BaseException:
+    """A batch's failure for one of its callers: each gets its own exception object, so
+    one caller's traceback does not grow on another's."""
+    if isinstance(exc, TaskcastError):
+        copy = type(exc)(*exc.args)
+        copy.__cause__ = exc
+        return copy
+    if isinstance(exc, asyncio.CancelledError):
+        return asyncio.CancelledError()
+    return exc
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One task's append: its events after `view`, leaving the task at `new`."""
+
+    task: TaskId
+    expected: int  # the version `events` follow
+    new: View
+    events: Sequence[NewEvent]
+    at: datetime
+    fence: FenceToken | None = None
+    job_state: JobChange | None = None
+    run_at: datetime | None = None
+    principal: str | None = None
+    key: str | None = None
+
+
+Stored = list[tuple[int, Position]]  # each event's version and position
+
+_OUTCOMES: dict[str, Callable[[Append], TaskcastError]] = {
+    "conflict": lambda a: VersionConflict(f"task {a.task} is not at version {a.expected}"),
+    "not_found": lambda a: NotFound(f"no task {a.task}"),
+    "stale": lambda a: StaleFence(f"fence {a.fence} of task {a.task} is stale"),
+    "duplicate": lambda a: DuplicateKey(f"key {a.key!r} was used already"),
+}
+
+
+async def append_batch(conn: asyncpg.Connection, items: Sequence[Append]) -> list[Stored | TaskcastError]:
+    """Append every item in one statement (in the caller's transaction, if any); each item's
+    stored events, or its own error. Raises Unavailable."""
+    ev_items: list[int] = []
+    ev_types: list[str] = []
+    ev_data: list[object] = []
+    ev_at: list[datetime] = []
+    for n, item in enumerate(items, start=1):
+        for event in item.events:
+            ev_items.append(n)
+            ev_types.append(event.type.value)
+            ev_data.append(event.data)
+            ev_at.append(item.at)
+    with db.translate():
+        rows = await conn.fetch(
+            q("append_batch"), [i.task for i in items], [i.expected for i in items],
+            [i.new["status"] for i in items], [i.new for i in items], [i.fence for i in items],
+            [None if i.job_state is None else i.job_state.value for i in items],
+            [i.run_at for i in items], [i.principal for i in items], [i.key for i in items],
+            ev_items, ev_types, ev_data, ev_at)
+    results: list[Stored | TaskcastError] = [[] for _ in items]
+    for row in rows:
+        n = row["item"] - 1
+        if row["outcome"] == "ok":
+            stored = results[n]
+            assert isinstance(stored, list)
+            stored.append((row["version"], position(row["xid"], row["seq"])))
+        else:
+            results[n] = _OUTCOMES[row["outcome"]](items[n])
+    return results
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    """One new task: its row, its `task.created` event (`data`) and its job."""
+
+    task: TaskId
+    kind: str
+    scope: str
+    view: View
+    priority: int
+    data: dict[str, object]
+    at: datetime
+    job_state: JobChange | None
+    mutex: str | None
+    principal: str
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """A create's ack: the task's, or with duplicate=True the first one under its key."""
+
+    task: TaskId
+    status: str
+    position: Position
+    duplicate: bool
+
+
+async def create_batch(conn: asyncpg.Connection, items: Sequence[Create]) -> list[Created]:
+    """Create every item in one statement. Raises Unavailable."""
+    with db.translate():
+        rows = await conn.fetch(
+            q("create_batch"), [i.task for i in items], [i.kind for i in items],
+            [i.scope for i in items], [i.view["status"] for i in items], [i.view for i in items],
+            [i.priority for i in items], [i.data for i in items], [i.at for i in items],
+            [None if i.job_state is None else i.job_state.value for i in items],
+            [i.mutex for i in items], [i.principal for i in items], [i.key for i in items])
+    acks: list[Created | None] = [None] * len(items)
+    for row in rows:
+        acks[row["item"] - 1] = Created(TaskId(row["task"]), row["status"],
+                                        position(row["xid"], row["seq"]), row["duplicate"])
+    missing = [items[n].task for n, ack in enumerate(acks) if ack is None]
+    if missing:  # a key's first command vanished between the claim and the read: retry
+        raise VersionConflict(f"no ack for {', '.join(missing)}; try again")
+    return [ack for ack in acks if ack is not None]
+
+
+class GroupCommit:
+    """The batchers of `EventLog.append` and `EventLog.create` over a pool: one
+    transaction per batch."""
+
+    def __init__(self, pool: asyncpg.Pool, *, max_items: int = MAX_BATCH_ITEMS,
+                 in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.pool = pool
+        self.appends: Batcher[Append, Stored] = Batcher(
+            self._append, key=lambda a: a.task, max_items=max_items, in_flight=in_flight,
+            name="group commit (appends)")
+        # Two creates under one key never share a batch: the second answers the first's ack.
+        self.creates: Batcher[Create, Created] = Batcher(
+            self._create, key=lambda c: c.task if c.key is None else (c.principal, c.key),
+            max_items=max_items, in_flight=in_flight, name="group commit (creates)")
+
+    async def append(self, item: Append) -> Stored:
+        """Commit `item` with whatever else is queued. Raises its own error (VersionConflict,
+        StaleFence, NotFound, DuplicateKey) or the batch's (Unavailable)."""
+        return await self.appends.submit(item)
+
+    async def create(self, item: Create) -> Created:
+        """Create `item`'s task with whatever else is queued. Raises Unavailable."""
+        return await self.creates.submit(item)
+
+    async def _append(self, items: list[Append]) -> list[Stored | TaskcastError]:
+        async with db.acquire(self.pool) as conn:
+            return await append_batch(conn, items)
+
+    async def _create(self, items: list[Create]) -> list[Created]:
+        async with db.acquire(self.pool) as conn:
+            return await create_batch(conn, items)

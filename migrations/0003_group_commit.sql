@@ -1,0 +1,363 @@
+-- taskcast schema v3: group commit (events/commit.py).
+--
+-- taskcast_append_batch appends to many tasks in one statement, one transaction and one
+-- commit: a process coalesces the appends of all its tasks while the previous batch is in
+-- flight. Each item keeps its own checks (expected version, fence, idempotency key); one
+-- that fails them is answered with its outcome and writes nothing, the others commit.
+--
+-- Lock order, the same for every writer so that none can deadlock another: the rows of
+-- `tasks` in id order, then those of `jobs` in id order, then `command_keys`. Writers that
+-- take rows in another order (the claim, the rescue, retention) only ever try them
+-- (SKIP LOCKED) and so never wait while holding a lock a batch waits for.
+--
+-- Positions and versions stay in the same order for every task (invariant 4): an item
+-- expects the version a committed transaction wrote, read before this batch began, so
+-- that transaction's xid is older than this one's; and a later writer of the task expects
+-- the version this batch writes, so it begins after this commit.
+
+-- Dependencies get a table of their own. The GIN index on `tasks.view -> 'depends_on'`
+-- (partial, on status) made every update of a task touch an index, since both the view and
+-- the status change on every event; with no index on a column that changes, updates of
+-- `tasks` are HOT (no index is touched), and the free room left on each page
+-- (fillfactor) lets them stay on their page.
+CREATE TABLE task_dependencies (
+    depends_on  text NOT NULL,
+    task_id     text NOT NULL REFERENCES tasks (id) ON DELETE CASCADE,
+    PRIMARY KEY (depends_on, task_id)
+);
+INSERT INTO task_dependencies (depends_on, task_id)
+SELECT DISTINCT d.dep, t.id FROM tasks AS t, jsonb_array_elements_text(t.view -> 'depends_on') AS d (dep)
+ WHERE jsonb_typeof(t.view -> 'depends_on') = 'array'
+ON CONFLICT DO NOTHING;
+DROP INDEX tasks_waiting_on;
+ALTER TABLE tasks SET (fillfactor = 70);
+
+CREATE FUNCTION taskcast_append_batch(
+    p_tasks       text[],         -- one element per item; a task at most once
+    p_expected    integer[],      -- the version each item's view is at
+    p_status      text[],         -- the task's status after the item
+    p_views       jsonb[],        -- the task's view after the item
+    p_fences      bigint[],       -- NULL element: a command, no lease to check
+    p_job_states  text[],         -- events.model.JobChange, or NULL
+    p_run_ats     timestamptz[],
+    p_principals  text[],
+    p_keys        text[],         -- NULL element: no idempotency key
+    p_ev_items    integer[],      -- per event: its item (1-based), in item order
+    p_ev_types    text[],
+    p_ev_data     jsonb[],
+    p_ev_at       timestamptz[]
+) RETURNS TABLE (item integer, outcome text, xid xid8, seq bigint, version integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_outcome  text[];
+    v_items    integer[];  -- per event written: its item, seq and version
+    v_seqs     bigint[];
+    v_versions integer[];
+BEGIN
+    -- Invariant 10: announce before the row locks below assign this transaction's xid.
+    PERFORM taskcast_announce();
+
+    PERFORM 1 FROM tasks AS t WHERE t.id = ANY (p_tasks) ORDER BY t.id FOR UPDATE;
+    PERFORM 1 FROM jobs AS j
+     WHERE j.task_id = ANY (SELECT i.task FROM unnest(p_tasks, p_fences) AS i (task, fence)
+                             WHERE i.fence IS NOT NULL)
+     ORDER BY j.task_id FOR SHARE;
+
+    -- Each item's checks, on the rows now locked (a new snapshot: this is READ COMMITTED).
+    SELECT array_agg(CASE
+               WHEN t.id IS NULL THEN 'not_found'
+               WHEN t.version <> i.expected THEN 'conflict'
+               WHEN i.fence IS NOT NULL AND NOT coalesce(j.fence = i.fence AND j.state = 'running'
+                                                         AND j.lease_expires_at > now(), false)
+                   THEN 'stale'
+               ELSE 'ok' END ORDER BY i.n)
+      INTO v_outcome
+      FROM unnest(p_tasks, p_expected, p_fences) WITH ORDINALITY AS i (task, expected, fence, n)
+      LEFT JOIN tasks AS t ON t.id = i.task
+      LEFT JOIN jobs AS j ON j.task_id = i.task;
+
+    -- Keys last (lock order); a key used already makes its item a duplicate. The row is
+    -- claimed now and given its ack's position once the events are written.
+    IF EXISTS (SELECT 1 FROM unnest(p_keys) AS k (key) WHERE k.key IS NOT NULL) THEN
+        WITH wanted AS (
+            SELECT i.n, i.principal, i.key, i.task, i.status
+              FROM unnest(p_keys, p_principals, p_tasks, p_status) WITH ORDINALITY
+                   AS i (key, principal, task, status, n)
+             WHERE i.key IS NOT NULL AND v_outcome[i.n] = 'ok'
+             ORDER BY i.principal, i.key
+        ), claimed AS (
+            INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
+            SELECT w.principal, w.key, w.task, w.status, pg_current_xact_id(), 0 FROM wanted AS w
+            ON CONFLICT (principal, key) DO UPDATE
+               SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
+                   seq = excluded.seq, created_at = now()
+             WHERE k.created_at < now() - interval '24 hours'
+            RETURNING k.principal, k.key
+        )
+        SELECT array_agg(CASE WHEN w.n IS NULL OR c.key IS NOT NULL THEN v_outcome[o.n]
+                              ELSE 'duplicate' END ORDER BY o.n)
+          INTO v_outcome
+          FROM generate_subscripts(v_outcome, 1) AS o (n)
+          LEFT JOIN wanted AS w ON w.n = o.n
+          LEFT JOIN claimed AS c ON c.principal = w.principal AND c.key = w.key;
+    END IF;
+
+    UPDATE tasks AS t
+       SET status = i.status, view = i.view, version = i.expected + i.count, updated_at = i.at
+      FROM (SELECT u.task, u.expected, u.status, u.view, c.count, c.at
+              FROM unnest(p_tasks, p_expected, p_status, p_views) WITH ORDINALITY
+                   AS u (task, expected, status, view, n)
+              JOIN (SELECT e.item, count(*)::integer AS count, max(e.at) AS at
+                      FROM unnest(p_ev_items, p_ev_at) AS e (item, at) GROUP BY e.item) AS c
+                ON c.item = u.n
+             WHERE v_outcome[u.n] = 'ok') AS i
+     WHERE t.id = i.task;
+
+    -- The jobs. A cancel raises the flag for whichever worker holds the task; every other
+    -- change moves the job (and, leaving 'running', raises its fence).
+    UPDATE jobs AS j SET cancel_requested = true
+     WHERE j.task_id = ANY (SELECT i.task FROM unnest(p_tasks, p_job_states) WITH ORDINALITY
+                                           AS i (task, state, n)
+                             WHERE i.state = 'cancel' AND v_outcome[i.n] = 'ok');
+    PERFORM pg_notify('taskcast_cancel', i.task)
+       FROM unnest(p_tasks, p_job_states) WITH ORDINALITY AS i (task, state, n)
+      WHERE i.state = 'cancel' AND v_outcome[i.n] = 'ok';
+    UPDATE jobs AS j
+       SET state = i.state,
+           run_at = coalesce(i.run_at, now()),
+           lease_owner = CASE WHEN i.state = 'running' THEN j.lease_owner END,
+           lease_expires_at = CASE WHEN i.state = 'running' THEN j.lease_expires_at END,
+           fence = CASE WHEN i.state = 'running' THEN j.fence ELSE j.fence + 1 END,
+           cancel_requested = CASE WHEN i.state = 'queued' THEN false ELSE j.cancel_requested END
+      FROM unnest(p_tasks, p_job_states, p_run_ats) WITH ORDINALITY AS i (task, state, run_at, n)
+     WHERE j.task_id = i.task AND i.state IS NOT NULL AND i.state <> 'cancel'
+       AND v_outcome[i.n] = 'ok';
+    -- One wake-up for the whole batch, not one per job.
+    IF EXISTS (SELECT 1 FROM unnest(p_job_states) WITH ORDINALITY AS i (state, n)
+                WHERE i.state = 'queued' AND v_outcome[i.n] = 'ok') THEN
+        PERFORM pg_notify('taskcast_jobs', '');
+    END IF;
+
+    -- The events, in item order and within each item in order: seq follows that order.
+    WITH written AS (
+        INSERT INTO events AS e (task_id, version, scope, type, data, at)
+        SELECT p_tasks[e.item], p_expected[e.item] + (e.n - f.first + 1)::integer, t.scope,
+               e.type, e.data, e.at
+          FROM unnest(p_ev_items, p_ev_types, p_ev_data, p_ev_at) WITH ORDINALITY
+               AS e (item, type, data, at, n)
+          JOIN (SELECT x.item, min(x.n) AS first
+                  FROM unnest(p_ev_items) WITH ORDINALITY AS x (item, n) GROUP BY x.item) AS f
+            ON f.item = e.item
+          JOIN tasks AS t ON t.id = p_tasks[e.item]
+         WHERE v_outcome[e.item] = 'ok'
+         ORDER BY e.n
+        RETURNING e.task_id, e.xid, e.seq, e.version
+    )
+    SELECT array_agg(i.n::integer ORDER BY w.seq), array_agg(w.seq ORDER BY w.seq),
+           array_agg(w.version ORDER BY w.seq)
+      INTO v_items, v_seqs, v_versions
+      FROM written AS w
+      JOIN unnest(p_tasks) WITH ORDINALITY AS i (task, n) ON i.task = w.task_id;
+
+    -- A key's ack is the position of its item's last event.
+    IF EXISTS (SELECT 1 FROM unnest(p_keys) AS k (key) WHERE k.key IS NOT NULL) THEN
+        UPDATE command_keys AS k SET seq = w.seq
+          FROM unnest(p_keys, p_principals) WITH ORDINALITY AS i (key, principal, n)
+          JOIN (SELECT b.item, max(b.seq) AS seq FROM unnest(v_items, v_seqs) AS b (item, seq)
+                 GROUP BY b.item) AS w ON w.item = i.n
+         WHERE k.principal = i.principal AND k.key = i.key;
+    END IF;
+
+    RETURN QUERY
+    SELECT b.item, 'ok'::text, pg_current_xact_id(), b.seq, b.version
+      FROM unnest(v_items, v_seqs, v_versions) AS b (item, seq, version)
+    UNION ALL
+    SELECT o.n::integer, v_outcome[o.n], NULL::xid8, NULL::bigint, NULL::integer
+      FROM generate_subscripts(v_outcome, 1) AS o (n)
+     WHERE v_outcome[o.n] <> 'ok';
+END
+$$;
+
+-- The claim, in one statement for the jobs that need no per-scope limit and no mutex (all
+-- of them unless a worker sets a scope limit), and as in 0001, one job at a time, for the
+-- others. It announces itself (invariant 10: the worker appends each claimed task's
+-- `task.started` in the claim's own transaction, events/queue.py), and it takes each
+-- claimed task's row too, only trying it: the claim holds job rows and must not wait for a
+-- task row (the lock order above).
+CREATE OR REPLACE FUNCTION taskcast_claim(
+    p_owner        text,
+    p_kinds        text[],
+    p_limit        integer,
+    p_lease_s      double precision,
+    p_scope_limit  integer    -- NULL: no per-scope limit
+) RETURNS TABLE (task_id text, fence bigint, attempt integer, cancel_requested boolean,
+                 view jsonb, version integer)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_job record;
+    n integer := 0;
+    v_running integer;
+BEGIN
+    PERFORM taskcast_announce();
+    IF p_scope_limit IS NULL THEN
+        RETURN QUERY
+        WITH candidates AS (
+            SELECT j.task_id FROM jobs AS j
+             WHERE j.state = 'queued' AND j.run_at <= now() AND j.kind = ANY (p_kinds)
+               AND j.mutex IS NULL
+             ORDER BY j.priority DESC, j.run_at, j.task_id
+             LIMIT p_limit
+               FOR UPDATE SKIP LOCKED
+        ), taken AS (
+            SELECT t.id, t.view, t.version FROM tasks AS t
+             WHERE t.id IN (SELECT k.task_id FROM candidates AS k)
+               FOR UPDATE SKIP LOCKED  -- a command writing to it: the next round takes it
+        )
+        UPDATE jobs AS j
+           SET state = 'running', lease_owner = p_owner,
+               lease_expires_at = now() + make_interval(secs => p_lease_s),
+               fence = j.fence + 1, attempt = j.attempt + 1
+          FROM taken AS t
+         WHERE j.task_id = t.id
+        RETURNING j.task_id, j.fence, j.attempt, j.cancel_requested, t.view, t.version;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n >= p_limit THEN
+            RETURN;
+        END IF;
+    END IF;
+    FOR v_job IN
+        SELECT j.task_id, j.scope, j.mutex FROM jobs AS j
+         WHERE j.state = 'queued' AND j.run_at <= now() AND j.kind = ANY (p_kinds)
+           AND (p_scope_limit IS NOT NULL OR j.mutex IS NOT NULL)
+         ORDER BY j.priority DESC, j.run_at, j.task_id
+         LIMIT (p_limit - n) * 4
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        EXIT WHEN n >= p_limit;
+        IF p_scope_limit IS NOT NULL THEN
+            CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext('taskcast.scope'), hashtext(v_job.scope));
+            SELECT count(*) INTO v_running FROM jobs AS r WHERE r.scope = v_job.scope AND r.state = 'running';
+            CONTINUE WHEN v_running >= p_scope_limit;
+        END IF;
+        IF v_job.mutex IS NOT NULL THEN
+            CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext('taskcast.mutex'), hashtext(v_job.mutex));
+            CONTINUE WHEN EXISTS (SELECT 1 FROM jobs AS r WHERE r.mutex = v_job.mutex AND r.state = 'running');
+        END IF;
+        PERFORM 1 FROM tasks AS t WHERE t.id = v_job.task_id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        RETURN QUERY
+        UPDATE jobs AS j
+           SET state = 'running', lease_owner = p_owner,
+               lease_expires_at = now() + make_interval(secs => p_lease_s),
+               fence = j.fence + 1, attempt = j.attempt + 1
+          FROM tasks AS t
+         WHERE j.task_id = v_job.task_id AND t.id = j.task_id
+        RETURNING j.task_id, j.fence, j.attempt, j.cancel_requested, t.view, t.version;
+        n := n + 1;
+    END LOOP;
+END
+$$;
+
+-- Create many tasks in one statement (a node's creates, coalesced as the appends are):
+-- per item its row, its `task.created` event, its job and its dependencies. An item whose
+-- idempotency key was used in the last 24 hours writes nothing and answers the first ack
+-- (duplicate true). A key is claimed before anything is written, in key order; a batch
+-- racing another for the same key waits for it, then answers its ack.
+CREATE FUNCTION taskcast_create_batch(
+    p_tasks       text[],
+    p_kinds       text[],
+    p_scopes      text[],
+    p_status      text[],
+    p_views       jsonb[],
+    p_priorities  integer[],
+    p_data        jsonb[],       -- each `task.created`'s data (its labels and depends_on)
+    p_at          timestamptz[],
+    p_job_states  text[],        -- 'queued', or NULL: parked until its dependencies end
+    p_mutexes     text[],
+    p_principals  text[],
+    p_keys        text[]
+) RETURNS TABLE (item integer, task text, status text, xid xid8, seq bigint, duplicate boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_fresh boolean[];
+BEGIN
+    -- Invariant 10: announce before the first write assigns this transaction's xid.
+    PERFORM taskcast_announce();
+
+    WITH wanted AS (
+        SELECT i.n, i.principal, i.key, i.task, i.status
+          FROM unnest(p_keys, p_principals, p_tasks, p_status) WITH ORDINALITY
+               AS i (key, principal, task, status, n)
+         WHERE i.key IS NOT NULL
+         ORDER BY i.principal, i.key
+    ), claimed AS (
+        INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
+        SELECT w.principal, w.key, w.task, w.status, pg_current_xact_id(), 0 FROM wanted AS w
+        ON CONFLICT (principal, key) DO UPDATE
+           SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
+               seq = excluded.seq, created_at = now()
+         WHERE k.created_at < now() - interval '24 hours'
+        RETURNING k.principal, k.key
+    )
+    SELECT array_agg(w.n IS NULL OR c.key IS NOT NULL ORDER BY o.n)
+      INTO v_fresh
+      FROM generate_subscripts(p_tasks, 1) AS o (n)
+      LEFT JOIN wanted AS w ON w.n = o.n
+      LEFT JOIN claimed AS c ON c.principal = w.principal AND c.key = w.key;
+
+    INSERT INTO tasks (id, kind, scope, status, version, view, labels, created_at, updated_at)
+    SELECT i.task, i.kind, i.scope, i.status, 1, i.view,
+           ARRAY(SELECT jsonb_array_elements_text(i.data -> 'labels')), i.at, i.at
+      FROM unnest(p_tasks, p_kinds, p_scopes, p_status, p_views, p_data, p_at) WITH ORDINALITY
+           AS i (task, kind, scope, status, view, data, at, n)
+     WHERE v_fresh[i.n];
+    INSERT INTO jobs (task_id, kind, scope, priority, state, mutex)
+    SELECT i.task, i.kind, i.scope, i.priority, coalesce(i.state, 'parked'), i.mutex
+      FROM unnest(p_tasks, p_kinds, p_scopes, p_priorities, p_job_states, p_mutexes) WITH ORDINALITY
+           AS i (task, kind, scope, priority, state, mutex, n)
+     WHERE v_fresh[i.n];
+    INSERT INTO task_dependencies (depends_on, task_id)
+    SELECT DISTINCT d.dep, i.task
+      FROM unnest(p_tasks, p_data) WITH ORDINALITY AS i (task, data, n),
+           jsonb_array_elements_text(i.data -> 'depends_on') AS d (dep)
+     WHERE v_fresh[i.n] AND jsonb_typeof(i.data -> 'depends_on') = 'array';
+
+    RETURN QUERY
+    WITH written AS (
+        INSERT INTO events AS e (task_id, version, scope, type, data, at)
+        SELECT i.task, 1, i.scope, 'task.created', i.data, i.at
+          FROM unnest(p_tasks, p_scopes, p_data, p_at) WITH ORDINALITY AS i (task, scope, data, at, n)
+         WHERE v_fresh[i.n]
+         ORDER BY i.n
+        RETURNING e.task_id, e.xid, e.seq
+    ), keyed AS (
+        UPDATE command_keys AS k SET seq = w.seq
+          FROM written AS w, unnest(p_tasks, p_principals, p_keys) AS i (task, principal, key)
+         WHERE i.task = w.task_id AND i.key IS NOT NULL
+           AND k.principal = i.principal AND k.key = i.key
+    )
+    SELECT i.n::integer, i.task, i.status, w.xid, w.seq, false
+      FROM unnest(p_tasks, p_status) WITH ORDINALITY AS i (task, status, n)
+      JOIN written AS w ON w.task_id = i.task
+    UNION ALL
+    SELECT i.n::integer, k.task_id, k.status, k.xid, k.seq, true
+      FROM unnest(p_principals, p_keys) WITH ORDINALITY AS i (principal, key, n)
+      JOIN command_keys AS k ON k.principal = i.principal AND k.key = i.key
+     WHERE NOT v_fresh[i.n];
+
+    -- One wake-up of each kind for the whole batch.
+    IF EXISTS (SELECT 1 FROM unnest(p_job_states) WITH ORDINALITY AS i (state, n)
+                WHERE i.state = 'queued' AND v_fresh[i.n]) THEN
+        PERFORM pg_notify('taskcast_jobs', '');
+    END IF;
+    IF true = ANY (v_fresh) THEN
+        PERFORM pg_notify('taskcast_events', '');
+    END IF;
+END
+$$;
+
+-- Every write now goes through the batch functions.
+DROP FUNCTION taskcast_append(text, integer, text, jsonb, text[], jsonb[], timestamptz[], bigint, text,
+                              timestamptz, text, text);
+DROP FUNCTION taskcast_create(text, text, text, text, jsonb, text[], integer, jsonb, timestamptz, text,
+                              text, text, text);

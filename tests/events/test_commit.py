@@ -1,0 +1,203 @@
+"""Group commit: many tasks' appends in one transaction, each item with its own checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from events import db, decide
+from events.commit import Append, Batcher, append_batch
+from events.errors import DuplicateKey, NotFound, StaleFence, Unavailable, VersionConflict
+from events.fold import View, apply
+from events.ids import TaskId
+from events.log import CreateTask, EventLog
+from events.model import EventType, NewEvent
+from events.queue import Queue
+from tests.waiting import eventually_async
+
+E = EventType
+
+
+def _append(view: View, event: NewEvent, **fields: object) -> Append:
+    now = datetime.now(UTC)
+    new = apply(view, TaskId(view["id"]), view["version"] + 1, event.type, event.data, "t")
+    return Append(TaskId(view["id"]), view["version"], new, [event], now, **fields)  # type: ignore[arg-type]
+
+
+async def test_one_stale_fence_in_a_batch_refuses_that_item_and_commits_the_others(
+        event_log: EventLog, database_url: str) -> None:
+    """Invariant 3 per item: in one batch, the item whose lease was taken over writes nothing;
+    the items next to it (other tasks, their fences current) all commit."""
+    for _ in range(3):
+        await event_log.create(CreateTask("demo", "p"))
+    claims = await Queue(event_log.pool).claim("w", ["demo"], limit=3, lease_s=30)
+    stale = claims[1]
+    conn = await asyncpg.connect(database_url)
+    try:  # another worker took `stale` over: its fence went up
+        await conn.execute("UPDATE jobs SET fence = fence + 1 WHERE task_id = $1", stale.task)
+    finally:
+        await conn.close()
+    step = NewEvent(E.STEP_STARTED, {"step": "one"})
+    async with db.acquire(event_log.pool) as conn:
+        results = await append_batch(conn, [_append(c.view, step, fence=c.fence) for c in claims])
+    assert isinstance(results[1], StaleFence)
+    assert isinstance(results[0], list) and isinstance(results[2], list)
+    for claim in claims:
+        types = [e.type for e in await event_log.history(claim.task)]
+        expected = [E.TASK_CREATED, E.TASK_STARTED] + ([] if claim is stale else [E.STEP_STARTED])
+        assert types == expected
+
+
+async def test_a_conflict_a_missing_task_and_a_used_key_each_fail_only_their_item(
+        event_log: EventLog) -> None:
+    """Every per-item check is the item's own: a stale version, a task that does not exist and a
+    key used before each answer their own error, and the healthy item beside them commits."""
+    a, b, c, d = [(await event_log.create(CreateTask("demo", "p"))).task for _ in range(4)]
+    await event_log.command(c, lambda v: decide.cancel(v, "first"), principal="p", key="k1")
+    cancel = NewEvent(E.TASK_CANCELLED, {"reason": "x"})
+    view_a, view_b, view_d = [await event_log.view(t) for t in (a, b, d)]
+    async with db.acquire(event_log.pool) as conn:
+        results = await append_batch(conn, [
+            _append(view_a, cancel),
+            _append(dict(view_b, version=view_b["version"] - 1), cancel),  # someone wrote since
+            _append(dict(view_a, id="tsk_missing"), cancel),
+            _append(view_d, cancel, principal="p", key="k1"),  # the key c's cancel used
+        ])
+    assert isinstance(results[0], list)
+    assert [type(r) for r in results[1:]] == [VersionConflict, NotFound, DuplicateKey]
+    assert [(await event_log.view(t))["status"] for t in (a, b, c, d)] == [
+        "cancelled", "queued", "cancelled", "queued"]
+
+
+async def test_concurrent_appends_share_transactions_and_each_lands_once(event_log: EventLog) -> None:
+    """200 appends to 200 tasks at once go in a handful of transactions, each exactly once and
+    with its own position, versions gapless per task."""
+    tasks = [(await event_log.create(CreateTask("demo", "p"))).task for _ in range(200)]
+    views = [await event_log.view(t) for t in tasks]
+    before = event_log.committer.appends.batches
+    cancel = NewEvent(E.TASK_CANCELLED, {"reason": "x"})
+    results = await asyncio.gather(*(event_log.append(v["id"], v, [cancel]) for v in views))
+    batches = event_log.committer.appends.batches - before
+    assert batches < 50
+    assert len({stored[0].position for _, stored in results}) == 200
+    for task in tasks:
+        assert [(e.version, e.type) for e in await event_log.history(task)] == [
+            (1, E.TASK_CREATED), (2, E.TASK_CANCELLED)]
+
+
+async def test_creates_under_one_key_at_once_make_one_task(event_log: EventLog) -> None:
+    """A client retrying a create while the first is in flight gets the first's ack: one task."""
+    spec = CreateTask("demo", "p")
+    acks = await asyncio.gather(*(event_log.create(spec, principal="p", key="same") for _ in range(5)))
+    assert len({a.task for a in acks}) == 1
+    assert sum(not a.duplicate for a in acks) == 1
+
+
+async def test_a_batch_that_fails_as_a_whole_fails_each_caller_with_its_own_error() -> None:
+    """An outage during a batch is every item's error, each caller with an exception of its own,
+    and the batcher goes on with the next batch."""
+    calls: list[list[int]] = []
+
+    async def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise Unavailable("down")
+        return [i * 2 for i in items]
+
+    batcher: Batcher[int, int] = Batcher(run, key=lambda i: i, in_flight=1)
+    first = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(e, Unavailable) for e in first)
+    assert len({id(e) for e in first}) == 3
+    assert await asyncio.gather(*(batcher.submit(i) for i in range(3))) == [0, 2, 4]
+    assert await asyncio.gather(batcher.submit(7), batcher.submit(7)) == [14, 14]  # same key: two batches
+
+
+WRITER = textwrap.dedent("""
+    import asyncio, sys
+    from events import db, decide
+    from events.log import EventLog
+    from events.model import EventType, NewEvent
+
+    async def main(url, tasks):
+        pool = await db.create_pool(url, min_size=2, max_size=4)
+        log = EventLog(pool)
+        async def one(task):
+            view = await log.view(task)
+            n = 0
+            while True:
+                n += 1
+                step = NewEvent(EventType.STEP_STARTED, {"step": f"s{n}"})
+                view, stored = await log.append(task, view, [step])
+                print(task, stored[0].version, f"s{n}", flush=True)
+        await asyncio.gather(*(one(t) for t in tasks))
+
+    asyncio.run(main(sys.argv[1], sys.argv[2:]))
+""")
+
+
+async def test_kill_9_during_group_commits_loses_nothing_acked_and_writes_nothing_twice(
+        event_log: EventLog, database_url: str) -> None:
+    """A process appending to 50 tasks through group commit is killed with SIGKILL mid-stream:
+    every append it was told had committed is in the log, once, at the version it was told;
+    nothing it was not told of is half there (versions gapless, each step once)."""
+    tasks = [(await event_log.create(CreateTask("demo", "p"))).task for _ in range(50)]
+    for task in tasks:  # running, so that step events are allowed
+        view = await event_log.view(task)
+        await event_log.append(task, view, [NewEvent(E.TASK_STARTED, {})])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, database_url, *tasks, stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.stdout is not None
+    acked: list[tuple[str, int, str]] = []
+    try:
+        async with asyncio.timeout(30):
+            while len(acked) < 2000:
+                line = await proc.stdout.readline()
+                assert line, "the writer stopped"
+                task, version, step = line.decode().split()
+                acked.append((task, int(version), step))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    async with asyncio.timeout(5):  # what it printed before it died
+        for line in (await proc.stdout.read()).decode().splitlines():
+            task, version, step = line.split()
+            acked.append((task, int(version), step))
+
+    async def settled() -> bool:  # the killed backend's transaction is gone
+        conn = await asyncpg.connect(database_url)
+        try:
+            return not await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND state = 'idle in transaction'")
+        finally:
+            await conn.close()
+
+    await eventually_async(settled, within=10)
+    stored = {task: await event_log.history(task) for task in tasks}
+    for task, version, step in acked:
+        event = stored[TaskId(task)][version - 1]
+        assert (event.version, event.type, event.data["step"]) == (version, E.STEP_STARTED, step)
+    for events in stored.values():
+        assert [e.version for e in events] == list(range(1, len(events) + 1))
+        steps = [e.data["step"] for e in events if e.type is E.STEP_STARTED]
+        assert steps == [f"s{n}" for n in range(1, len(steps) + 1)]
+
+
+@pytest.mark.parametrize("n", [1])
+async def test_the_claim_starts_what_it_claims_in_the_same_transaction(event_log: EventLog, n: int) -> None:
+    """A claimed task is already `running`, its `task.started` committed with the claim."""
+    ack = await event_log.create(CreateTask("demo", "p"))
+    (claim,) = await Queue(event_log.pool).claim("w", ["demo"], limit=n, lease_s=30)
+    assert claim.view["status"] == "running" and claim.view["position"] is not None
+    events = await event_log.history(ack.task)
+    assert [e.type for e in events] == [E.TASK_CREATED, E.TASK_STARTED]
+    assert events[1].data == {"worker": "w", "attempt": 1}

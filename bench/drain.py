@@ -74,8 +74,41 @@ class Round:
     window_rate: float  # from the first start to the last completion, in the database's log
     cpu: dict[str, float]  # % of one core over the round
     load: str
+    waits: str
     note: str = ""  # what the checks found
     lag_s: float | None = None
+
+
+class WaitSampler:
+    """Every 100 ms, the statements running in `conn`'s database and how many of them wait
+    for the WAL (WALWrite/WALSync: the commit's flush); means over the run."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.samples: list[tuple[int, int]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            row = await self.conn.fetchrow(
+                "SELECT count(*) AS active, count(*) FILTER (WHERE wait_event IN ('WALSync', 'WALWrite')) "
+                "AS wal FROM pg_stat_activity WHERE datname = current_database() AND state = 'active' "
+                "AND pid <> pg_backend_pid()")
+            assert row is not None
+            self.samples.append((row["active"], row["wal"]))
+            await asyncio.sleep(0.1)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def stop(self) -> str:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        n = max(1, len(self.samples))
+        active, wal = (sum(s[i] for s in self.samples) / n for i in range(2))
+        return (f"statements running in its database {active:.1f} (mean of 100 ms polls), "
+                f"{wal:.1f} waiting for the WAL")
 
 
 def ps(pid: int) -> psutil.Process:
@@ -107,12 +140,15 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
                                    *postgres_processes()])
     background = Background().start()
     meter.start()
+    sampler = WaitSampler(conn)
     t0, t_mono = time.time(), time.monotonic()
     started.extend(children.start("worker", *args, env=env) for _ in range(workers))
+    sampler.start()
     try:
         seen, stats = await watcher.wait("task.completed", count, max(1.0, deadline - time.monotonic()))
         meter.stop()
         load = background.stop()
+        waits = await sampler.stop()
         for w in started:
             w.check_alive()
     finally:
@@ -152,7 +188,8 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
     if len(notes) == 1:
         notes.append(f"ok: events per type as expected, {count:,} terminal updates received, "
                      f"{stats['updates']:,} updates")
-    return Round(done / (end - t0), done / (end - row["first"].timestamp()), cpu, load, "; ".join(notes), lag)
+    return Round(done / (end - t0), done / (end - row["first"].timestamp()), cpu, load, waits,
+                 "; ".join(notes), lag)
 
 
 async def pgq_round(conn: asyncpg.Connection, url: str, count: int, workers: int, batch_size: int,
@@ -171,12 +208,14 @@ async def pgq_round(conn: asyncpg.Connection, url: str, count: int, workers: int
                                "--batch-size", str(batch_size)], stdin=subprocess.DEVNULL,
                               preexec_fn=die_with_parent) for _ in range(workers)])
     pids = [p.pid for p in procs]
-
+    sampler = WaitSampler(conn)
+    sampler.start()
     try:
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
             meter.stop()  # read while the consumers live: an exited process has no CPU times
             await asyncio.sleep(0.05)
         load = background.stop()
+        waits = await sampler.stop()
     finally:
         for p in procs:
             if p.poll() is None:
@@ -199,7 +238,7 @@ async def pgq_round(conn: asyncpg.Connection, url: str, count: int, workers: int
     end = row["last"].timestamp()
     pg = [p for p in meter.used if p not in pids]
     cpu = {"consumers": meter.percent(pids), "PostgreSQL": meter.percent(pg)}
-    return Round(count / (end - t0), count / (end - row["first"].timestamp()), cpu, load,
+    return Round(count / (end - t0), count / (end - row["first"].timestamp()), cpu, load, waits,
                  "; ".join(notes) or f"ok: {count:,} successful, queue empty")
 
 
@@ -294,12 +333,13 @@ async def main(count: int, worker_counts: list[int], runs: int, concurrency: int
               f"relay lag, last task.completed's `at` -> the subscriber: {lag}")
         for run in tc:
             print(f"    run check: {run.note}")
-        print(f"    CPU in the median run (% of one core, {psutil.cpu_count()} cores): {cpu_line(mt)}")
+        print(f"    CPU in the median run (% of one core, {psutil.cpu_count()} cores): {cpu_line(mt)}; "
+              f"{mt.waits}")
         print(f"    {mt.load}")
         window = statistics.median(r.window_rate for r in pq)
         print(f"  pgqueuer: first pick -> last success {window:,.0f}/s; "
               f"checks: {'; '.join(sorted({r.note for r in pq}))}")
-        print(f"    CPU in the median run: {cpu_line(mp)}")
+        print(f"    CPU in the median run: {cpu_line(mp)}; {mp.waits}")
         print(f"    {mp.load}")
     if short:
         print(f"  (fewer than {runs} runs: the next would have overrun the {BUDGET_S:.0f} s budget)")

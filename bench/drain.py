@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class Round:
     waits: str
     note: str = ""  # what the checks found
     lag_s: float | None = None
+    create_s: float = 0.0  # creating the backlog (not timed)
 
 
 class WaitSampler:
@@ -130,9 +132,12 @@ async def create_tasks(log: EventLog, scope: str, count: int) -> float:
 
 async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Children, watcher: WatcherProcess,
                          node_pid: int, relay_pid: int, scope: str, count: int, workers: int,
-                         concurrency: int | None, workspace: str, deadline: float) -> Round:
-    """One run; at `deadline` (monotonic) it stops the workers and reports what completed."""
+                         concurrency: int | None, workspace: str, cap_s: float) -> Round:
+    """One run; `cap_s` after starting the workers it stops them and reports what completed."""
+    created = time.monotonic()
     creates = await create_tasks(log, scope, count)
+    await conn.execute("VACUUM ANALYZE jobs, tasks")
+    create_s = time.monotonic() - created
     args = ["--concurrency", str(concurrency)] if concurrency else []
     env = {"TASKCAST_WORKSPACE_ROOT": workspace}
     started: list[Child] = []
@@ -141,11 +146,11 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
     background = Background().start()
     meter.start()
     sampler = WaitSampler(conn)
-    t0, t_mono = time.time(), time.monotonic()
+    t0 = time.time()
     started.extend(children.start("worker", *args, env=env) for _ in range(workers))
     sampler.start()
     try:
-        seen, stats = await watcher.wait("task.completed", count, max(1.0, deadline - time.monotonic()))
+        seen, stats = await watcher.wait("task.completed", count, cap_s)
         meter.stop()
         load = background.stop()
         waits = await sampler.stop()
@@ -161,26 +166,38 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
     assert row is not None
     if row["last"] is None:
         raise RuntimeError(f"no task completed in time ({stats})")
-    last_task = await conn.fetchval("SELECT task_id FROM events WHERE scope = $1 AND type = 'task.completed' "
-                                    "ORDER BY at DESC LIMIT 1", scope)
     counts = dict(await conn.fetch("SELECT type, count(*) FROM events WHERE scope = $1 GROUP BY type", scope))
     done = counts.get("task.completed", 0)
     expected = {t: n * count for t, n in PER_TASK.items()}
     terminal = {t: len(seen.get(t, {})) for t in TERMINAL}
     notes = [f"{creates:,.0f} creates/s beforehand"]
+    end = row["last"].timestamp()
+    rate = done / (end - t0)
     if done < count:
-        # Out of time: the rate is of those that completed; the rest must not run later.
-        notes.append(f"CAPPED at {deadline - t_mono:.0f} s: {done:,} of {count:,} completed")
+        # Out of time: the rate is of those completed by the cap (the workers finish what they
+        # hold as they stop); the rest must not run later.
+        by_cap = await conn.fetchval("SELECT count(*) FROM events WHERE scope = $1 AND "
+                                     "type = 'task.completed' AND at <= $2",
+                                     scope, datetime.fromtimestamp(t0 + cap_s, UTC))
+        rate = by_cap / cap_s
+        notes.append(f"CAPPED at {cap_s:.0f} s: {by_cap:,} of {count:,} completed by then ({done:,} as the "
+                     f"workers stopped; {terminal['task.completed']:,} task.completed updates received "
+                     f"by the cap)")
         await conn.execute("DELETE FROM jobs WHERE scope = $1", scope)
-    elif counts != expected:
-        notes.append(f"EVENTS COMMITTED {counts} != expected {expected}")
-    if terminal["task.completed"] != done or sum(terminal.values()) != done:
-        notes.append(f"TERMINAL UPDATES RECEIVED {terminal} of {count} tasks")
+    else:
+        if counts != expected:
+            notes.append(f"EVENTS COMMITTED {counts} != expected {expected}")
+        if terminal["task.completed"] != count or sum(terminal.values()) != count:
+            notes.append(f"TERMINAL UPDATES RECEIVED {terminal} of {count} tasks")
     if stats["resyncs"] or stats["error"]:
         notes.append(f"subscriber: {stats['resyncs']} resyncs, error {stats['error']}")
     completed = seen.get("task.completed", {})
-    lag = completed[last_task] - row["last"].timestamp() if last_task in completed else None
-    end = row["last"].timestamp()
+    lag = None
+    if completed:
+        last_task = max(completed, key=completed.__getitem__)  # the last one received
+        at = await conn.fetchval("SELECT at FROM events WHERE task_id = $1 AND type = 'task.completed'",
+                                 last_task)
+        lag = completed[last_task] - at.timestamp()
     worker_pids = [w.pid for w in started]
     pg = [p for p in meter.used if p not in (*worker_pids, node_pid, relay_pid)]
     cpu = {"workers": meter.percent(worker_pids), "PostgreSQL": meter.percent(pg),
@@ -188,8 +205,8 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
     if len(notes) == 1:
         notes.append(f"ok: events per type as expected, {count:,} terminal updates received, "
                      f"{stats['updates']:,} updates")
-    return Round(done / (end - t0), done / (end - row["first"].timestamp()), cpu, load, waits,
-                 "; ".join(notes), lag)
+    return Round(rate, done / (end - row["first"].timestamp()), cpu, load, waits,
+                 "; ".join(notes), lag, create_s)
 
 
 async def pgq_round(conn: asyncpg.Connection, url: str, count: int, workers: int, batch_size: int,
@@ -198,6 +215,7 @@ async def pgq_round(conn: asyncpg.Connection, url: str, count: int, workers: int
     for i in range(0, count, 1000):
         n = min(1000, count - i)
         await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
+    await conn.execute("VACUUM ANALYZE pgqueuer")
     procs: list[subprocess.Popen[bytes]] = []
     meter = CpuMeter(find=lambda: [*(ps(p.pid) for p in procs if p.poll() is None), *postgres_processes()])
     background = Background().start()
@@ -281,9 +299,10 @@ async def main(count: int, worker_counts: list[int], runs: int, concurrency: int
                     plan = [(r, w, side) for r in range(runs) for w in worker_counts
                             for side in ("taskcast", "pgqueuer")]
                     took: dict[tuple[str, int], float] = {}
+                    create_s = count / 1000  # a first guess
                     for i, (r, w, side) in enumerate(plan):
                         # Keep room for what is left: a pgqueuer run as long as its last (10 s at
-                        # first); each taskcast run gets an equal share of the rest (>= 20 s).
+                        # first); each taskcast run an equal share of the rest, less its backlog's creation.
                         pq_need = {w2: max(10.0, 1.3 * took.get(("pgqueuer", w2), 0.0))
                                    for w2 in worker_counts}
                         left = plan[i:]
@@ -292,13 +311,15 @@ async def main(count: int, worker_counts: list[int], runs: int, concurrency: int
                         reserve = sum(pq_need[p[1]] for p in left if p[2] == "pgqueuer")
                         begun = time.monotonic()
                         if side == "taskcast":
-                            cap = (avail - reserve) / tc_left
-                            if cap < 20:
+                            # what creating the backlog took last time (not timed, but it takes time)
+                            cap = (avail - reserve) / tc_left - 1.2 * create_s
+                            if cap < 15:
                                 short = True
                                 continue
                             round_ = await taskcast_round(
                                 log, conn, children, watcher, node.pid, relay.pid, f"drain{r}w{w}",
-                                count, w, concurrency, workspace, begun + cap)
+                                count, w, concurrency, workspace, cap)
+                            create_s = round_.create_s
                         else:
                             if avail < pq_need[w]:
                                 short = True

@@ -8,8 +8,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("append.py", "relay_latency.py", "ack_latency.py", "idle_memory.py", "fanout.py",
-           "latency_fanout.py", "tasks.py", "read_bound.py")
+           "latency_fanout.py", "tasks.py", "start_latency.py", "drain.py", "read_bound.py")
 TIMEOUT_S = 120  # each script stops itself within 90 s; this only catches a hang
+LONGER_S = {"drain.py": 270}  # drain.py stops itself within 240 s
 STOP_GRACE_S = 20
 
 
@@ -19,7 +20,7 @@ def main() -> int:
         print(f"== {script}", flush=True)
         proc = subprocess.Popen([sys.executable, str(HERE / script)])
         try:
-            code = proc.wait(TIMEOUT_S)
+            code = proc.wait(LONGER_S.get(script, TIMEOUT_S))
         except subprocess.TimeoutExpired:
             # SIGTERM first: the script then stops its servers and drops its database.
             proc.terminate()
@@ -28,7 +29,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            print(f"{script} did not finish within {TIMEOUT_S} s", file=sys.stderr)
+            print(f"{script} did not finish within {LONGER_S.get(script, TIMEOUT_S)} s", file=sys.stderr)
             code = -1
         if code != 0:
             failed.append(script)

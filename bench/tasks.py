@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -138,7 +139,7 @@ async def bulk(log: EventLog, url: str, children: Children, count: int, deadline
     await asyncio.gather(*(creator(share + (i < extra)) for i in range(CREATORS)))
     created_s = time.monotonic() - started
     workers: list[Child] = [children.start("worker", "--concurrency", str(BULK_CONCURRENCY))
-                            for _ in range(BULK_WORKERS)]
+                            for _ in range(BULK_WORKERS)]  # TASKCAST_WORKSPACE_ROOT: in children.env
     watcher = await asyncpg.connect(url)
     meter = CpuMeter(find=lambda: [w.ps for w in workers] + postgres_processes())
     background = Background()
@@ -201,8 +202,15 @@ async def main(idle_tasks: int, bulk_tasks: int) -> None:
     raise_nofile()
     deadline = time.monotonic() + BUDGET_S - CLEANUP_S
     channel = unique("taskcast:bench:tasks")
+    with tempfile.TemporaryDirectory(prefix="bench_tasks_ws_") as workspace:
+        await run(idle_tasks, bulk_tasks, deadline, channel, workspace)
+
+
+async def run(idle_tasks: int, bulk_tasks: int, deadline: float, channel: str, workspace: str) -> None:
     async with asyncio.timeout(BUDGET_S), scratch_database("tasks") as url, \
             Children(url, REDIS_URL, channel) as children, Redis.from_url(REDIS_URL) as redis:
+        # A worker refuses to start without a workspace root (the built-in kinds' directories).
+        children.env["TASKCAST_WORKSPACE_ROOT"] = workspace
         pool = await db.create_pool(url, min_size=2, max_size=CREATORS)
         try:
             log = EventLog(pool)

@@ -63,7 +63,7 @@ class Batcher(Generic[Item, R]):
         if len(self._flushers) < self.in_flight:
             flusher = asyncio.create_task(self._flush(), name=self.name)
             self._flushers.add(flusher)
-            flusher.add_done_callback(self._flushers.discard)
+            flusher.add_done_callback(self._flushers.discard)  # one cancelled before it began
         return await future
 
     def _cut(self) -> list[tuple[Item, asyncio.Future[R]]]:
@@ -84,28 +84,37 @@ class Batcher(Generic[Item, R]):
         return taken
 
     async def _flush(self) -> None:
-        while batch := self._cut():
-            self.batches += 1
-            self.items += len(batch)
-            try:
-                results = await self._run([item for item, _ in batch])
-            except BaseException as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(_copy(exc))
-                if isinstance(exc, asyncio.CancelledError):
-                    self._fail_queued(exc)
-                    raise
-                if not isinstance(exc, TaskcastError):
-                    log.error("%s failed", self.name, exc_info=exc)
+        me = asyncio.current_task()
+        try:
+            while batch := self._cut():
+                await self._send(batch)
+        finally:
+            # At once, not in the task's done callback: an item queued in between would find
+            # the set full and be left with no flusher to send it.
+            self._flushers.discard(me)  # type: ignore[arg-type]
+
+    async def _send(self, batch: list[tuple[Item, asyncio.Future[R]]]) -> None:
+        self.batches += 1
+        self.items += len(batch)
+        try:
+            results = await self._run([item for item, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(_copy(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                self._fail_queued(exc)
+                raise
+            if not isinstance(exc, TaskcastError):
+                log.error("%s failed", self.name, exc_info=exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
                 continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
 
     def _fail_queued(self, exc: BaseException) -> None:
         if self._flushers - {asyncio.current_task()}:

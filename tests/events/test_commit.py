@@ -120,6 +120,19 @@ async def test_a_batch_that_fails_as_a_whole_fails_each_caller_with_its_own_erro
     assert await asyncio.gather(batcher.submit(7), batcher.submit(7)) == [14, 14]  # same key: two batches
 
 
+async def test_an_item_submitted_as_the_last_batch_ends_is_sent() -> None:
+    """The caller woken by a batch's result submits at once, before the flusher that sent it
+    is gone: its item still goes out (it once waited forever, and its task with it)."""
+    async def run(items: list[int]) -> list[int]:
+        await asyncio.sleep(0)
+        return items
+
+    batcher: Batcher[int, int] = Batcher(run, key=lambda i: i, in_flight=1)
+    for i in range(20):
+        async with asyncio.timeout(5):
+            assert await batcher.submit(i) == i
+
+
 WRITER = textwrap.dedent("""
     import asyncio, sys
     from events import db, decide

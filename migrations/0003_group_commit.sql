@@ -192,7 +192,12 @@ CREATE OR REPLACE FUNCTION taskcast_claim(
     p_scope_limit  integer    -- NULL: no per-scope limit
 ) RETURNS TABLE (task_id text, fence bigint, attempt integer, cancel_requested boolean,
                  view jsonb, version integer)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- The oldest runnable jobs come from the ready index in its own order, a few at a time.
+-- Without this the planner, before the first ANALYZE of a young `jobs` table, sorts every
+-- queued job to take the first few (a claim then costs as much as the whole queue).
+SET enable_bitmapscan = off SET enable_sort = off
+AS $$
 DECLARE
     v_job record;
     n integer := 0;

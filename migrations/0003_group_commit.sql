@@ -48,6 +48,7 @@ CREATE FUNCTION taskcast_append_batch(
     p_ev_at       timestamptz[]
 ) RETURNS TABLE (item integer, outcome text, xid xid8, seq bigint, version integer)
 LANGUAGE plpgsql AS $$
+-- Few statements, each for the whole batch: a statement's fixed cost is paid per batch.
 DECLARE
     v_outcome  text[];
     v_items    integer[];  -- per event written: its item, seq and version
@@ -58,10 +59,12 @@ BEGIN
     PERFORM taskcast_announce();
 
     PERFORM 1 FROM tasks AS t WHERE t.id = ANY (p_tasks) ORDER BY t.id FOR UPDATE;
-    PERFORM 1 FROM jobs AS j
-     WHERE j.task_id = ANY (SELECT i.task FROM unnest(p_tasks, p_fences) AS i (task, fence)
-                             WHERE i.fence IS NOT NULL)
-     ORDER BY j.task_id FOR SHARE;
+    IF array_position(p_fences, NULL) IS DISTINCT FROM 1 OR cardinality(p_fences) > 1 THEN
+        PERFORM 1 FROM jobs AS j
+         WHERE j.task_id = ANY (SELECT i.task FROM unnest(p_tasks, p_fences) AS i (task, fence)
+                                 WHERE i.fence IS NOT NULL)
+         ORDER BY j.task_id FOR SHARE;
+    END IF;
 
     -- Each item's checks, on the rows now locked (a new snapshot: this is READ COMMITTED).
     SELECT array_agg(CASE
@@ -74,11 +77,11 @@ BEGIN
       INTO v_outcome
       FROM unnest(p_tasks, p_expected, p_fences) WITH ORDINALITY AS i (task, expected, fence, n)
       LEFT JOIN tasks AS t ON t.id = i.task
-      LEFT JOIN jobs AS j ON j.task_id = i.task;
+      LEFT JOIN jobs AS j ON j.task_id = i.task AND i.fence IS NOT NULL;
 
     -- Keys last (lock order); a key used already makes its item a duplicate. The row is
     -- claimed now and given its ack's position once the events are written.
-    IF EXISTS (SELECT 1 FROM unnest(p_keys) AS k (key) WHERE k.key IS NOT NULL) THEN
+    IF cardinality(array_remove(p_keys, NULL)) > 0 THEN
         WITH wanted AS (
             SELECT i.n, i.principal, i.key, i.task, i.status
               FROM unnest(p_keys, p_principals, p_tasks, p_status) WITH ORDINALITY
@@ -102,44 +105,36 @@ BEGIN
           LEFT JOIN claimed AS c ON c.principal = w.principal AND c.key = w.key;
     END IF;
 
-    UPDATE tasks AS t
-       SET status = i.status, view = i.view, version = i.expected + i.count, updated_at = i.at
-      FROM (SELECT u.task, u.expected, u.status, u.view, c.count, c.at
-              FROM unnest(p_tasks, p_expected, p_status, p_views) WITH ORDINALITY
-                   AS u (task, expected, status, view, n)
-              JOIN (SELECT e.item, count(*)::integer AS count, max(e.at) AS at
-                      FROM unnest(p_ev_items, p_ev_at) AS e (item, at) GROUP BY e.item) AS c
-                ON c.item = u.n
-             WHERE v_outcome[u.n] = 'ok') AS i
-     WHERE t.id = i.task;
-
-    -- The jobs. A cancel raises the flag for whichever worker holds the task; every other
-    -- change moves the job (and, leaving 'running', raises its fence).
-    UPDATE jobs AS j SET cancel_requested = true
-     WHERE j.task_id = ANY (SELECT i.task FROM unnest(p_tasks, p_job_states) WITH ORDINALITY
-                                           AS i (task, state, n)
-                             WHERE i.state = 'cancel' AND v_outcome[i.n] = 'ok');
-    PERFORM pg_notify('taskcast_cancel', i.task)
-       FROM unnest(p_tasks, p_job_states) WITH ORDINALITY AS i (task, state, n)
-      WHERE i.state = 'cancel' AND v_outcome[i.n] = 'ok';
-    UPDATE jobs AS j
-       SET state = i.state,
-           run_at = coalesce(i.run_at, now()),
-           lease_owner = CASE WHEN i.state = 'running' THEN j.lease_owner END,
-           lease_expires_at = CASE WHEN i.state = 'running' THEN j.lease_expires_at END,
-           fence = CASE WHEN i.state = 'running' THEN j.fence ELSE j.fence + 1 END,
-           cancel_requested = CASE WHEN i.state = 'queued' THEN false ELSE j.cancel_requested END
-      FROM unnest(p_tasks, p_job_states, p_run_ats) WITH ORDINALITY AS i (task, state, run_at, n)
-     WHERE j.task_id = i.task AND i.state IS NOT NULL AND i.state <> 'cancel'
-       AND v_outcome[i.n] = 'ok';
-    -- One wake-up for the whole batch, not one per job.
-    IF EXISTS (SELECT 1 FROM unnest(p_job_states) WITH ORDINALITY AS i (state, n)
-                WHERE i.state = 'queued' AND v_outcome[i.n] = 'ok') THEN
-        PERFORM pg_notify('taskcast_jobs', '');
-    END IF;
-
-    -- The events, in item order and within each item in order: seq follows that order.
-    WITH written AS (
+    -- Every write, in one statement. The jobs: a cancel raises the flag for whichever
+    -- worker holds the task; any other change moves the job (and, leaving 'running',
+    -- raises its fence). The events go in item order, and within an item in order.
+    WITH ok AS (
+        SELECT i.n, i.task, i.expected, i.status, i.view, i.state, i.run_at, i.principal, i.key
+          FROM unnest(p_tasks, p_expected, p_status, p_views, p_job_states, p_run_ats, p_principals,
+                      p_keys) WITH ORDINALITY
+               AS i (task, expected, status, view, state, run_at, principal, key, n)
+         WHERE v_outcome[i.n] = 'ok'
+    ), counts AS (
+        SELECT e.item, count(*)::integer AS count, max(e.at) AS at
+          FROM unnest(p_ev_items, p_ev_at) AS e (item, at) GROUP BY e.item
+    ), moved AS (
+        UPDATE tasks AS t
+           SET status = ok.status, view = ok.view, version = ok.expected + c.count, updated_at = c.at
+          FROM ok JOIN counts AS c ON c.item = ok.n
+         WHERE t.id = ok.task
+    ), jobbed AS (
+        UPDATE jobs AS j
+           SET state = CASE WHEN ok.state = 'cancel' THEN j.state ELSE ok.state END,
+               run_at = CASE WHEN ok.state = 'cancel' THEN j.run_at ELSE coalesce(ok.run_at, now()) END,
+               lease_owner = CASE WHEN ok.state IN ('cancel', 'running') THEN j.lease_owner END,
+               lease_expires_at = CASE WHEN ok.state IN ('cancel', 'running') THEN j.lease_expires_at END,
+               fence = CASE WHEN ok.state IN ('cancel', 'running') THEN j.fence ELSE j.fence + 1 END,
+               cancel_requested = CASE WHEN ok.state = 'cancel' THEN true
+                                       WHEN ok.state = 'queued' THEN false
+                                       ELSE j.cancel_requested END
+          FROM ok
+         WHERE j.task_id = ok.task AND ok.state IS NOT NULL
+    ), written AS (
         INSERT INTO events AS e (task_id, version, scope, type, data, at)
         SELECT p_tasks[e.item], p_expected[e.item] + (e.n - f.first + 1)::integer, t.scope,
                e.type, e.data, e.at
@@ -151,21 +146,30 @@ BEGIN
           JOIN tasks AS t ON t.id = p_tasks[e.item]
          WHERE v_outcome[e.item] = 'ok'
          ORDER BY e.n
-        RETURNING e.task_id, e.xid, e.seq, e.version
+        RETURNING e.task_id, e.seq, e.version
+    ), numbered AS (
+        SELECT ok.n, ok.principal, ok.key, w.seq, w.version
+          FROM written AS w JOIN ok ON ok.task = w.task_id
+    ), keyed AS (  -- a key's ack is the position of its item's last event
+        UPDATE command_keys AS k SET seq = last.seq
+          FROM (SELECT b.principal, b.key, max(b.seq) AS seq FROM numbered AS b
+                 WHERE b.key IS NOT NULL GROUP BY b.principal, b.key) AS last
+         WHERE k.principal = last.principal AND k.key = last.key
     )
-    SELECT array_agg(i.n::integer ORDER BY w.seq), array_agg(w.seq ORDER BY w.seq),
-           array_agg(w.version ORDER BY w.seq)
+    SELECT array_agg(b.n::integer ORDER BY b.seq), array_agg(b.seq ORDER BY b.seq),
+           array_agg(b.version ORDER BY b.seq)
       INTO v_items, v_seqs, v_versions
-      FROM written AS w
-      JOIN unnest(p_tasks) WITH ORDINALITY AS i (task, n) ON i.task = w.task_id;
+      FROM numbered AS b;
 
-    -- A key's ack is the position of its item's last event.
-    IF EXISTS (SELECT 1 FROM unnest(p_keys) AS k (key) WHERE k.key IS NOT NULL) THEN
-        UPDATE command_keys AS k SET seq = w.seq
-          FROM unnest(p_keys, p_principals) WITH ORDINALITY AS i (key, principal, n)
-          JOIN (SELECT b.item, max(b.seq) AS seq FROM unnest(v_items, v_seqs) AS b (item, seq)
-                 GROUP BY b.item) AS w ON w.item = i.n
-         WHERE k.principal = i.principal AND k.key = i.key;
+    -- Wake-ups: one for the whole batch, and a hint only (one for an item that failed its
+    -- checks wakes a worker for nothing).
+    IF 'cancel' = ANY (p_job_states) THEN
+        PERFORM pg_notify('taskcast_cancel', i.task)
+           FROM unnest(p_tasks, p_job_states) WITH ORDINALITY AS i (task, state, n)
+          WHERE i.state = 'cancel' AND v_outcome[i.n] = 'ok';
+    END IF;
+    IF 'queued' = ANY (p_job_states) THEN
+        PERFORM pg_notify('taskcast_jobs', '');
     END IF;
 
     RETURN QUERY
@@ -284,75 +288,79 @@ CREATE FUNCTION taskcast_create_batch(
 ) RETURNS TABLE (item integer, task text, status text, xid xid8, seq bigint, duplicate boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_fresh boolean[];
+    v_fresh boolean[] := array_fill(true, ARRAY[cardinality(p_tasks)]);
 BEGIN
     -- Invariant 10: announce before the first write assigns this transaction's xid.
     PERFORM taskcast_announce();
 
-    WITH wanted AS (
-        SELECT i.n, i.principal, i.key, i.task, i.status
-          FROM unnest(p_keys, p_principals, p_tasks, p_status) WITH ORDINALITY
-               AS i (key, principal, task, status, n)
-         WHERE i.key IS NOT NULL
-         ORDER BY i.principal, i.key
-    ), claimed AS (
-        INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
-        SELECT w.principal, w.key, w.task, w.status, pg_current_xact_id(), 0 FROM wanted AS w
-        ON CONFLICT (principal, key) DO UPDATE
-           SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
-               seq = excluded.seq, created_at = now()
-         WHERE k.created_at < now() - interval '24 hours'
-        RETURNING k.principal, k.key
-    )
-    SELECT array_agg(w.n IS NULL OR c.key IS NOT NULL ORDER BY o.n)
-      INTO v_fresh
-      FROM generate_subscripts(p_tasks, 1) AS o (n)
-      LEFT JOIN wanted AS w ON w.n = o.n
-      LEFT JOIN claimed AS c ON c.principal = w.principal AND c.key = w.key;
+    IF cardinality(array_remove(p_keys, NULL)) > 0 THEN
+        WITH wanted AS (
+            SELECT i.n, i.principal, i.key, i.task, i.status
+              FROM unnest(p_keys, p_principals, p_tasks, p_status) WITH ORDINALITY
+                   AS i (key, principal, task, status, n)
+             WHERE i.key IS NOT NULL
+             ORDER BY i.principal, i.key
+        ), claimed AS (
+            INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
+            SELECT w.principal, w.key, w.task, w.status, pg_current_xact_id(), 0 FROM wanted AS w
+            ON CONFLICT (principal, key) DO UPDATE
+               SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
+                   seq = excluded.seq, created_at = now()
+             WHERE k.created_at < now() - interval '24 hours'
+            RETURNING k.principal, k.key
+        )
+        SELECT array_agg(w.n IS NULL OR c.key IS NOT NULL ORDER BY o.n)
+          INTO v_fresh
+          FROM generate_subscripts(p_tasks, 1) AS o (n)
+          LEFT JOIN wanted AS w ON w.n = o.n
+          LEFT JOIN claimed AS c ON c.principal = w.principal AND c.key = w.key;
+    END IF;
 
-    INSERT INTO tasks (id, kind, scope, status, version, view, labels, created_at, updated_at)
-    SELECT i.task, i.kind, i.scope, i.status, 1, i.view,
-           ARRAY(SELECT jsonb_array_elements_text(i.data -> 'labels')), i.at, i.at
-      FROM unnest(p_tasks, p_kinds, p_scopes, p_status, p_views, p_data, p_at) WITH ORDINALITY
-           AS i (task, kind, scope, status, view, data, at, n)
-     WHERE v_fresh[i.n];
-    INSERT INTO jobs (task_id, kind, scope, priority, state, mutex)
-    SELECT i.task, i.kind, i.scope, i.priority, coalesce(i.state, 'parked'), i.mutex
-      FROM unnest(p_tasks, p_kinds, p_scopes, p_priorities, p_job_states, p_mutexes) WITH ORDINALITY
-           AS i (task, kind, scope, priority, state, mutex, n)
-     WHERE v_fresh[i.n];
-    INSERT INTO task_dependencies (depends_on, task_id)
-    SELECT DISTINCT d.dep, i.task
-      FROM unnest(p_tasks, p_data) WITH ORDINALITY AS i (task, data, n),
-           jsonb_array_elements_text(i.data -> 'depends_on') AS d (dep)
-     WHERE v_fresh[i.n] AND jsonb_typeof(i.data -> 'depends_on') = 'array';
-
+    -- Every write, in one statement.
     RETURN QUERY
-    WITH written AS (
-        INSERT INTO events AS e (task_id, version, scope, type, data, at)
-        SELECT i.task, 1, i.scope, 'task.created', i.data, i.at
-          FROM unnest(p_tasks, p_scopes, p_data, p_at) WITH ORDINALITY AS i (task, scope, data, at, n)
+    WITH fresh AS (
+        SELECT i.n, i.task, i.kind, i.scope, i.status, i.view, i.priority, i.data, i.at, i.state,
+               i.mutex, i.principal, i.key
+          FROM unnest(p_tasks, p_kinds, p_scopes, p_status, p_views, p_priorities, p_data, p_at,
+                      p_job_states, p_mutexes, p_principals, p_keys) WITH ORDINALITY
+               AS i (task, kind, scope, status, view, priority, data, at, state, mutex, principal,
+                     key, n)
          WHERE v_fresh[i.n]
-         ORDER BY i.n
+    ), rows AS (
+        INSERT INTO tasks (id, kind, scope, status, version, view, labels, created_at, updated_at)
+        SELECT f.task, f.kind, f.scope, f.status, 1, f.view,
+               ARRAY(SELECT jsonb_array_elements_text(f.data -> 'labels')), f.at, f.at
+          FROM fresh AS f
+        RETURNING id
+    ), queued AS (
+        INSERT INTO jobs (task_id, kind, scope, priority, state, mutex)
+        SELECT r.id, f.kind, f.scope, f.priority, coalesce(f.state, 'parked'), f.mutex
+          FROM rows AS r JOIN fresh AS f ON f.task = r.id
+    ), needs AS (
+        INSERT INTO task_dependencies (depends_on, task_id)
+        SELECT DISTINCT d.dep, r.id
+          FROM rows AS r JOIN fresh AS f ON f.task = r.id,
+               jsonb_array_elements_text(f.data -> 'depends_on') AS d (dep)
+         WHERE jsonb_typeof(f.data -> 'depends_on') = 'array'
+    ), written AS (
+        INSERT INTO events AS e (task_id, version, scope, type, data, at)
+        SELECT f.task, 1, f.scope, 'task.created', f.data, f.at FROM fresh AS f ORDER BY f.n
         RETURNING e.task_id, e.xid, e.seq
     ), keyed AS (
         UPDATE command_keys AS k SET seq = w.seq
-          FROM written AS w, unnest(p_tasks, p_principals, p_keys) AS i (task, principal, key)
-         WHERE i.task = w.task_id AND i.key IS NOT NULL
-           AND k.principal = i.principal AND k.key = i.key
+          FROM written AS w JOIN fresh AS f ON f.task = w.task_id
+         WHERE f.key IS NOT NULL AND k.principal = f.principal AND k.key = f.key
     )
-    SELECT i.n::integer, i.task, i.status, w.xid, w.seq, false
-      FROM unnest(p_tasks, p_status) WITH ORDINALITY AS i (task, status, n)
-      JOIN written AS w ON w.task_id = i.task
+    SELECT f.n::integer, f.task, f.status, w.xid, w.seq, false
+      FROM fresh AS f JOIN written AS w ON w.task_id = f.task
     UNION ALL
     SELECT i.n::integer, k.task_id, k.status, k.xid, k.seq, true
       FROM unnest(p_principals, p_keys) WITH ORDINALITY AS i (principal, key, n)
       JOIN command_keys AS k ON k.principal = i.principal AND k.key = i.key
      WHERE NOT v_fresh[i.n];
 
-    -- One wake-up of each kind for the whole batch.
-    IF EXISTS (SELECT 1 FROM unnest(p_job_states) WITH ORDINALITY AS i (state, n)
-                WHERE i.state = 'queued' AND v_fresh[i.n]) THEN
+    -- One wake-up of each kind for the whole batch (hints: one too many is harmless).
+    IF 'queued' = ANY (p_job_states) THEN
         PERFORM pg_notify('taskcast_jobs', '');
     END IF;
     IF true = ANY (v_fresh) THEN

@@ -98,6 +98,9 @@ def translate() -> Iterator[None]:
             asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.QueryCanceledError,
             TimeoutError) as exc:
         raise errors.Unavailable(f"PostgreSQL is unavailable: {exc}") from exc
+    except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+        # Rolled back whole, nothing written: the caller tries again as after an outage.
+        raise errors.Unavailable(f"PostgreSQL rolled the transaction back: {exc}") from exc
     except asyncpg.PostgresError as exc:
         # Our SQL functions raise with their own SQLSTATEs (TC...); asyncpg reports those
         # as UnknownPostgresError.

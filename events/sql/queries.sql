@@ -89,11 +89,16 @@ RETURNING j.cancel_requested;
 
 -- name: rescue
 -- Re-queue jobs whose lease expired. The conditions are checked again inside the UPDATE,
--- so a job that completed (or was re-leased) a moment ago is never overwritten.
+-- so a job that completed (or was re-leased) a moment ago is never overwritten. The rows
+-- are only tried (SKIP LOCKED): a job a batch is writing to waits for the next round, and
+-- the rescue never holds one row while waiting for another (events/commit.py: lock order).
 UPDATE jobs AS j
    SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, fence = j.fence + 1,
        run_at = now()
- WHERE j.state = 'running' AND j.lease_expires_at < now()
+  FROM (SELECT d.task_id FROM jobs AS d
+         WHERE d.state = 'running' AND d.lease_expires_at < now()
+         ORDER BY d.task_id FOR UPDATE SKIP LOCKED) AS due
+ WHERE j.task_id = due.task_id AND j.state = 'running' AND j.lease_expires_at < now()
 RETURNING j.task_id;
 
 -- name: relay_cursor
@@ -150,8 +155,11 @@ WITH old AS (
      WHERE t.id IN (SELECT o.id FROM tasks AS o
                      WHERE o.status IN ('completed', 'failed', 'cancelled', 'timed_out')
                        AND NOT o.pruned AND o.updated_at < now() - make_interval(secs => $1)
-                     LIMIT $2)
+                     LIMIT $2
+                       FOR UPDATE SKIP LOCKED)  -- never waits (the lock order of events/commit.py)
     RETURNING t.id, t.version, t.view
+), unneeded AS (
+    DELETE FROM task_dependencies AS d USING old WHERE d.task_id = old.id
 ), kept AS (
     UPDATE events AS e SET snapshot = old.view
       FROM old WHERE e.task_id = old.id AND e.version = old.version

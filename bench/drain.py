@@ -169,6 +169,9 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
     counts = dict(await conn.fetch("SELECT type, count(*) FROM events WHERE scope = $1 GROUP BY type", scope))
     done = counts.get("task.completed", 0)
     expected = {t: n * count for t, n in PER_TASK.items()}
+    # Only this run's tasks: a capped run's last completions can arrive during the next run.
+    ours = {r["id"] for r in await conn.fetch("SELECT id FROM tasks WHERE scope = $1", scope)}
+    seen = {t: {task: at for task, at in arrivals.items() if task in ours} for t, arrivals in seen.items()}
     terminal = {t: len(seen.get(t, {})) for t in TERMINAL}
     notes = [f"{creates:,.0f} creates/s beforehand"]
     end = row["last"].timestamp()

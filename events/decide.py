@@ -23,7 +23,7 @@ _RETRYABLE = frozenset({Status.FAILED, Status.CANCELLED, Status.TIMED_OUT})
 @dataclass(frozen=True, slots=True)
 class Decision:
     events: list[NewEvent]
-    job_state: JobChange | None = None  # see taskcast_append's p_job_state
+    job_state: JobChange | None = None  # see taskcast_append_batch's p_job_states
 
 
 def cancel(view: View, reason: str | None) -> Decision:

@@ -1,10 +1,10 @@
 """The event log: create tasks, append events, read them back in position order.
 
-Every write goes through one SQL function, one round trip and one transaction that writes
-the events, the task projection and, where asked, the job row: `taskcast_create`, and
-`taskcast_append_batch`, whose transaction holds the appends of every task in the process
-that were queued meanwhile (group commit, events/commit.py). The projection is computed
-here by the pure fold (`events.fold`).
+Every write goes through one SQL function, `taskcast_create_batch` or
+`taskcast_append_batch`: one round trip and one transaction that writes the events, the
+task projections and, where asked, the job rows of every create or append of the process
+that queued while the previous batch was in flight (group commit, events/commit.py). The
+projection is computed here by the pure fold (`events.fold`).
 """
 
 from __future__ import annotations

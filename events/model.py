@@ -31,7 +31,7 @@ class Status(StrEnum):
 
 
 class JobChange(StrEnum):
-    """What an append does to the task's job row (taskcast_append's p_job_state; None:
+    """What an append does to the task's job row (taskcast_append_batch's p_job_states; None:
     nothing). The job's own states are queued, running, parked and done."""
 
     QUEUED = "queued"  # runnable again (a retry, an answer, dependencies met)

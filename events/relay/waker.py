@@ -4,7 +4,7 @@ A NOTIFY in every append would make each committing transaction take PostgreSQL'
 cluster-wide notification lock (held through the commit's WAL flush): with many writers
 that lock, not the work, sets the pace. So appends poke a Waker instead, and one loop per
 process publishes a coalesced hint on `<channel>:wake` after the commit. It is only a
-hint (STYLE 11): the relay also polls, and `taskcast_create` still NOTIFYs.
+hint (STYLE 11): the relay also polls, and `taskcast_create_batch` still NOTIFYs (once a batch).
 """
 
 from __future__ import annotations

@@ -167,12 +167,14 @@ async def append_batch(conn: asyncpg.Connection, items: Sequence[Append]) -> lis
     """Append every item in one statement (in the caller's transaction, if any); each item's
     stored events, or its own error. Raises Unavailable."""
     ev_items: list[int] = []
+    ev_versions: list[int] = []
     ev_types: list[str] = []
     ev_data: list[object] = []
     ev_at: list[datetime] = []
     for n, item in enumerate(items, start=1):
-        for event in item.events:
+        for k, event in enumerate(item.events, start=1):
             ev_items.append(n)
+            ev_versions.append(item.expected + k)
             ev_types.append(event.type.value)
             ev_data.append(event.data)
             ev_at.append(item.at)
@@ -182,7 +184,7 @@ async def append_batch(conn: asyncpg.Connection, items: Sequence[Append]) -> lis
             [i.new["status"] for i in items], [i.new for i in items], [i.fence for i in items],
             [None if i.job_state is None else i.job_state.value for i in items],
             [i.run_at for i in items], [i.principal for i in items], [i.key for i in items],
-            ev_items, ev_types, ev_data, ev_at)
+            ev_items, ev_versions, ev_types, ev_data, ev_at)
     results: list[Stored | TaskcastError] = [[] for _ in items]
     for row in rows:
         n = row["item"] - 1

@@ -43,6 +43,7 @@ CREATE FUNCTION taskcast_append_batch(
     p_principals  text[],
     p_keys        text[],         -- NULL element: no idempotency key
     p_ev_items    integer[],      -- per event: its item (1-based), in item order
+    p_ev_versions integer[],      -- and its version (its item's expected version + 1, + 2, ...)
     p_ev_types    text[],
     p_ev_data     jsonb[],
     p_ev_at       timestamptz[]
@@ -109,10 +110,12 @@ BEGIN
     -- worker holds the task; any other change moves the job (and, leaving 'running',
     -- raises its fence). The events go in item order, and within an item in order.
     WITH ok AS (
-        SELECT i.n, i.task, i.expected, i.status, i.view, i.state, i.run_at, i.principal, i.key
+        SELECT i.n, i.task, i.expected, i.status, i.view, i.state, i.run_at, i.principal, i.key,
+               t.scope
           FROM unnest(p_tasks, p_expected, p_status, p_views, p_job_states, p_run_ats, p_principals,
                       p_keys) WITH ORDINALITY
                AS i (task, expected, status, view, state, run_at, principal, key, n)
+          JOIN tasks AS t ON t.id = i.task
          WHERE v_outcome[i.n] = 'ok'
     ), counts AS (
         SELECT e.item, count(*)::integer AS count, max(e.at) AS at
@@ -136,15 +139,10 @@ BEGIN
          WHERE j.task_id = ok.task AND ok.state IS NOT NULL
     ), written AS (
         INSERT INTO events AS e (task_id, version, scope, type, data, at)
-        SELECT p_tasks[e.item], p_expected[e.item] + (e.n - f.first + 1)::integer, t.scope,
-               e.type, e.data, e.at
-          FROM unnest(p_ev_items, p_ev_types, p_ev_data, p_ev_at) WITH ORDINALITY
-               AS e (item, type, data, at, n)
-          JOIN (SELECT x.item, min(x.n) AS first
-                  FROM unnest(p_ev_items) WITH ORDINALITY AS x (item, n) GROUP BY x.item) AS f
-            ON f.item = e.item
-          JOIN tasks AS t ON t.id = p_tasks[e.item]
-         WHERE v_outcome[e.item] = 'ok'
+        SELECT ok.task, e.version, ok.scope, e.type, e.data, e.at
+          FROM unnest(p_ev_items, p_ev_versions, p_ev_types, p_ev_data, p_ev_at) WITH ORDINALITY
+               AS e (item, version, type, data, at, n)
+          JOIN ok ON ok.n = e.item
          ORDER BY e.n
         RETURNING e.task_id, e.seq, e.version
     ), numbered AS (

@@ -82,10 +82,15 @@ async def test_watch_survives_a_server_restart(server: Restartable) -> None:
     """`taskcast watch TASK` reconnects after a restart, resumes with `since`, prints every
     step completion once, and exits 0 when the task completes."""
     client = await Client.open(server.ws_url)
-    ack = await client.request({"type": "create", "kind": "demo", "scope": "p:cli",
-                                "input": {"steps": 5, "step_ms": 400}})
-    await client.close()
+    ack = await client.request({"type": "create", "kind": "demo", "scope": "p:cli", "subscribe": True,
+                                "input": {"steps": 5, "step_ms": 400, "ask_step": 1}})
+    # Parked on its question before step 1 until `watch` has subscribed: a watch attaching
+    # later shows the steps done so far in its snapshot's view, not as lines (PROTOCOL.md).
+    await client.until(lambda f: f["type"] == "update" and f["event"]["type"] == "task.question")
     cli = await Cli.start("watch", ack["task"], "--url", server.ws_url)
+    await eventually(lambda: bool(cli.lines) and "waiting_answer" in cli.lines[0], 20)
+    await client.request({"type": "answer", "task": ack["task"], "question": "q_1", "answer": "approve"})
+    await client.close()
     await eventually(lambda: "step_2 completed" in cli.text, 20)
     await server.restart()
     assert await cli.exit_code() == 0, cli.text

@@ -32,6 +32,35 @@ ON CONFLICT DO NOTHING;
 DROP INDEX tasks_waiting_on;
 ALTER TABLE tasks SET (fillfactor = 70);
 
+-- Claim the idempotency keys of the items `p_wanted` marks, in key order (the lock order):
+-- for each item, whether its key was used already (in the last 24 hours), so that it is a
+-- duplicate and writes nothing. A claimed key's row is given its ack's position once the
+-- batch's events are written.
+CREATE FUNCTION taskcast_used_keys(
+    p_principals text[], p_keys text[], p_tasks text[], p_status text[], p_wanted boolean[]
+) RETURNS boolean[]
+LANGUAGE sql VOLATILE AS $$
+    WITH wanted AS (
+        SELECT i.n, i.principal, i.key, i.task, i.status
+          FROM unnest(p_keys, p_principals, p_tasks, p_status, p_wanted) WITH ORDINALITY
+               AS i (key, principal, task, status, wanted, n)
+         WHERE i.key IS NOT NULL AND i.wanted
+         ORDER BY i.principal, i.key
+    ), claimed AS (
+        INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
+        SELECT w.principal, w.key, w.task, w.status, pg_current_xact_id(), 0 FROM wanted AS w
+        ON CONFLICT (principal, key) DO UPDATE
+           SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
+               seq = excluded.seq, created_at = now()
+         WHERE k.created_at < now() - interval '24 hours'
+        RETURNING k.principal, k.key
+    )
+    SELECT array_agg(w.n IS NOT NULL AND c.key IS NULL ORDER BY o.n)
+      FROM generate_subscripts(p_tasks, 1) AS o (n)
+      LEFT JOIN wanted AS w ON w.n = o.n
+      LEFT JOIN claimed AS c ON c.principal = w.principal AND c.key = w.key
+$$;
+
 CREATE FUNCTION taskcast_append_batch(
     p_tasks       text[],         -- one element per item; a task at most once
     p_expected    integer[],      -- the version each item's view is at
@@ -82,30 +111,13 @@ BEGIN
       LEFT JOIN tasks AS t ON t.id = i.task
       LEFT JOIN jobs AS j ON j.task_id = i.task AND i.fence IS NOT NULL;
 
-    -- Keys last (lock order); a key used already makes its item a duplicate. The row is
-    -- claimed now and given its ack's position once the events are written.
+    -- Keys last (lock order); a key used already makes its item a duplicate.
     IF cardinality(array_remove(p_keys, NULL)) > 0 THEN
-        WITH wanted AS (
-            SELECT i.n, i.principal, i.key, i.task, i.status
-              FROM unnest(p_keys, p_principals, p_tasks, p_status) WITH ORDINALITY
-                   AS i (key, principal, task, status, n)
-             WHERE i.key IS NOT NULL AND v_outcome[i.n] = 'ok'
-             ORDER BY i.principal, i.key
-        ), claimed AS (
-            INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
-            SELECT w.principal, w.key, w.task, w.status, pg_current_xact_id(), 0 FROM wanted AS w
-            ON CONFLICT (principal, key) DO UPDATE
-               SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
-                   seq = excluded.seq, created_at = now()
-             WHERE k.created_at < now() - interval '24 hours'
-            RETURNING k.principal, k.key
-        )
-        SELECT array_agg(CASE WHEN w.n IS NULL OR c.key IS NOT NULL THEN v_outcome[o.n]
-                              ELSE 'duplicate' END ORDER BY o.n)
+        SELECT array_agg(CASE WHEN u.used THEN 'duplicate' ELSE v_outcome[u.n] END ORDER BY u.n)
           INTO v_outcome
-          FROM generate_subscripts(v_outcome, 1) AS o (n)
-          LEFT JOIN wanted AS w ON w.n = o.n
-          LEFT JOIN claimed AS c ON c.principal = w.principal AND c.key = w.key;
+          FROM unnest(taskcast_used_keys(p_principals, p_keys, p_tasks, p_status,
+                                         ARRAY(SELECT o = 'ok' FROM unnest(v_outcome) AS o)))
+               WITH ORDINALITY AS u (used, n);
     END IF;
 
     -- Every write, in one statement. The jobs: a cancel raises the flag for whichever
@@ -298,26 +310,9 @@ BEGIN
     END IF;
 
     IF cardinality(array_remove(p_keys, NULL)) > 0 THEN
-        WITH wanted AS (
-            SELECT i.n, i.principal, i.key, i.task, i.status
-              FROM unnest(p_keys, p_principals, p_tasks, p_status) WITH ORDINALITY
-                   AS i (key, principal, task, status, n)
-             WHERE i.key IS NOT NULL
-             ORDER BY i.principal, i.key
-        ), claimed AS (
-            INSERT INTO command_keys AS k (principal, key, task_id, status, xid, seq)
-            SELECT w.principal, w.key, w.task, w.status, pg_current_xact_id(), 0 FROM wanted AS w
-            ON CONFLICT (principal, key) DO UPDATE
-               SET task_id = excluded.task_id, status = excluded.status, xid = excluded.xid,
-                   seq = excluded.seq, created_at = now()
-             WHERE k.created_at < now() - interval '24 hours'
-            RETURNING k.principal, k.key
-        )
-        SELECT array_agg(w.n IS NULL OR c.key IS NOT NULL ORDER BY o.n)
-          INTO v_fresh
-          FROM generate_subscripts(p_tasks, 1) AS o (n)
-          LEFT JOIN wanted AS w ON w.n = o.n
-          LEFT JOIN claimed AS c ON c.principal = w.principal AND c.key = w.key;
+        SELECT array_agg(NOT u.used ORDER BY u.n) INTO v_fresh
+          FROM unnest(taskcast_used_keys(p_principals, p_keys, p_tasks, p_status, v_fresh))
+               WITH ORDINALITY AS u (used, n);
     END IF;
 
     -- Every write, in one statement.

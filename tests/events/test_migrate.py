@@ -29,7 +29,7 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
                       "task_dependencies", "taskcast_migrations"}
     assert functions == {"taskcast_append_batch", "taskcast_create_batch", "taskcast_claim",
                          "taskcast_remember_key", "taskcast_announce", "taskcast_events_announced",
-                         "taskcast_writers"}
+                         "taskcast_writers", "taskcast_used_keys"}
     assert columns["xid"] == "xid8" and columns["data"] == "jsonb"
     assert triggers == {"events_announced"}
 

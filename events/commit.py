@@ -39,15 +39,15 @@ MAX_IN_FLIGHT = 2  # batches sent before the first returns: the round trips over
 
 class Batcher(Generic[Item, R]):
     """Runs `run(items)` on batches of submitted items, at most `in_flight` batches at a
-    time; `run` answers each item with its result or its own exception. Items with the same
-    `key` never share a batch (the later one waits for the next). A failure of `run` itself
-    is every item's."""
+    time; `run` answers each item with its result or its own exception. Items that have one
+    of their `keys` in common never share a batch (the later one waits for the next). A
+    failure of `run` itself is every item's."""
 
     def __init__(self, run: Callable[[list[Item]], Awaitable[Sequence[R | BaseException]]], *,
-                 key: Callable[[Item], Hashable], max_items: int = MAX_BATCH_ITEMS,
+                 keys: Callable[[Item], tuple[Hashable, ...]], max_items: int = MAX_BATCH_ITEMS,
                  in_flight: int = MAX_IN_FLIGHT, name: str = "batch") -> None:
         self._run = run
-        self._key = key
+        self._keys = keys
         self.max_items = max_items
         self.in_flight = in_flight
         self.name = name
@@ -74,11 +74,11 @@ class Batcher(Generic[Item, R]):
             item, future = self._queue.popleft()
             if future.done():  # its caller gave up before it was sent
                 continue
-            key = self._key(item)
-            if key in keys:
+            mine = self._keys(item)
+            if not keys.isdisjoint(mine):
                 later.append((item, future))
                 continue
-            keys.add(key)
+            keys.update(mine)
             taken.append((item, future))
         self._queue.extendleft(reversed(later))
         return taken
@@ -243,6 +243,12 @@ async def create_batch(conn: asyncpg.Connection, items: Sequence[Create]) -> lis
     return [ack for ack in acks if ack is not None]
 
 
+def _keys(item: Append | Create) -> tuple[Hashable, ...]:
+    """What two items of one batch may not share: the task (the SQL takes each task once),
+    and an idempotency key (one statement cannot claim a key twice)."""
+    return (item.task,) if item.key is None else (item.task, (item.principal, item.key))
+
+
 class GroupCommit:
     """The batchers of `EventLog.append` and `EventLog.create` over a pool: one
     transaction per batch."""
@@ -251,11 +257,11 @@ class GroupCommit:
                  in_flight: int = MAX_IN_FLIGHT) -> None:
         self.pool = pool
         self.appends: Batcher[Append, Stored] = Batcher(
-            self._append, key=lambda a: a.task, max_items=max_items, in_flight=in_flight,
+            self._append, keys=_keys, max_items=max_items, in_flight=in_flight,
             name="group commit (appends)")
         # Two creates under one key never share a batch: the second answers the first's ack.
         self.creates: Batcher[Create, Created] = Batcher(
-            self._create, key=lambda c: c.task if c.key is None else (c.principal, c.key),
+            self._create, keys=_keys,
             max_items=max_items, in_flight=in_flight, name="group commit (creates)")
 
     async def append(self, item: Append) -> Stored:

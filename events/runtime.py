@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from events import attempt
-from events.aio import pause
+from events.aio import pause, wait_event
 from events.errors import StaleFence, TaskcastError, Unavailable, VersionConflict
 from events.fold import View
 from events.ids import FenceToken, TaskId
@@ -81,6 +81,8 @@ class RunContext:
         self.view: View = claim.view
         self.input: dict[str, Any] = claim.view.get("input") or {}
         self.cancelled = asyncio.Event()
+        self.lost = asyncio.Event()  # a write found the lease gone: write nothing more
+        self.lost_because = ""
         self.flush_s = flush_s
         self.step_name: str | None = None
         self._total: int | None = None
@@ -233,7 +235,12 @@ class RunContext:
     async def _flush_quietly(self) -> None:
         try:
             await self.write([])
-        except (LeaseLost, TaskcastError) as exc:
+        except LeaseLost as exc:
+            # A flush is the first to know (a deferred `step.started`): the step must stop
+            # now, as when a heartbeat finds the lease gone, not run on for another owner.
+            self.lost_because = str(exc)
+            self.lost.set()
+        except TaskcastError as exc:
             log.debug("flush of %s failed: %s", self.task, exc)
 
     async def write(self, events: list[NewEvent], *, job_state: JobChange | None = None,
@@ -242,6 +249,8 @@ class RunContext:
 
         Raises LeaseLost when the fence is stale (nothing was written).
         """
+        if self.lost.is_set():
+            raise LeaseLost(self.lost_because)
         async with self._write_lock:
             if self._flusher is not None:
                 self._flusher.cancel()
@@ -462,7 +471,8 @@ async def _heartbeat(ctx: RunContext, queue: Queue, lease_s: float) -> None:
     """Extend the lease every third of it; bring back the cancel flag. Raises LeaseLost."""
     last_ok = time.monotonic()
     while True:
-        await pause(lease_s / 3)
+        if await wait_event(ctx.lost, lease_s / 3):
+            raise LeaseLost(ctx.lost_because)
         try:
             flag = await queue.heartbeat(ctx.task, ctx.fence, lease_s)
         except TaskcastError as exc:

@@ -74,7 +74,7 @@ class Worker:
         self.errors = 0  # failures a loop survived (logged with their item)
         self.janitor = Janitor(log_, self.kinds, config, worker=self.name)
         # The dependents of the tasks that ended, looked up for many at once.
-        self._releases: Batcher[TaskId, None] = Batcher(self._release, key=lambda t: t,
+        self._releases: Batcher[TaskId, None] = Batcher(self._release, keys=lambda t: (t,),
                                                         in_flight=1, name="release dependents")
 
     async def run(self) -> None:

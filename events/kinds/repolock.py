@@ -48,15 +48,22 @@ async def holding(ctx: TaskContext, identity: Path) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
     until = loop.time() + LOCK_WAIT_S
     async with db.acquire(ctx.log.pool) as conn:
-        while not await conn.fetchval(_queries()["repo_try_lock"], name):
-            ctx.check_cancelled()
-            if loop.time() >= until:
-                raise StepError(f"another action held the repository for {LOCK_WAIT_S:g}s", retryable=True)
-            try:
-                async with asyncio.timeout(LOCK_POLL_S):
-                    await ctx.cancelled.wait()
-            except TimeoutError:
-                pass
+        try:
+            while not await conn.fetchval(_queries()["repo_try_lock"], name):
+                ctx.check_cancelled()
+                if loop.time() >= until:
+                    raise StepError(f"another action held the repository for {LOCK_WAIT_S:g}s",
+                                    retryable=True)
+                try:
+                    async with asyncio.timeout(LOCK_POLL_S):
+                        await ctx.cancelled.wait()
+                except TimeoutError:
+                    pass
+        except BaseException:
+            # Cut short, a try may still have been granted on the server: a lock held by a
+            # pooled connection would block the repository until that connection closes.
+            conn.terminate()
+            raise
         try:
             yield
         finally:

@@ -18,9 +18,11 @@ from events.commit import Append, Batcher, append_batch
 from events.errors import DuplicateKey, NotFound, StaleFence, Unavailable, VersionConflict
 from events.fold import View, apply
 from events.ids import TaskId
+from events.kinds import builtin
 from events.log import CreateTask, EventLog
 from events.model import EventType, NewEvent
 from events.queue import Queue
+from events.runtime import run_claim
 from tests.waiting import eventually_async
 
 E = EventType
@@ -112,7 +114,7 @@ async def test_a_batch_that_fails_as_a_whole_fails_each_caller_with_its_own_erro
             raise Unavailable("down")
         return [i * 2 for i in items]
 
-    batcher: Batcher[int, int] = Batcher(run, key=lambda i: i, in_flight=1)
+    batcher: Batcher[int, int] = Batcher(run, keys=lambda i: (i,), in_flight=1)
     first = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
     assert all(isinstance(e, Unavailable) for e in first)
     assert len({id(e) for e in first}) == 3
@@ -127,7 +129,7 @@ async def test_an_item_submitted_as_the_last_batch_ends_is_sent() -> None:
         await asyncio.sleep(0)
         return items
 
-    batcher: Batcher[int, int] = Batcher(run, key=lambda i: i, in_flight=1)
+    batcher: Batcher[int, int] = Batcher(run, keys=lambda i: (i,), in_flight=1)
     for i in range(20):
         async with asyncio.timeout(5):
             assert await batcher.submit(i) == i
@@ -214,3 +216,38 @@ async def test_the_claim_starts_what_it_claims_in_the_same_transaction(event_log
     events = await event_log.history(ack.task)
     assert [e.type for e in events] == [E.TASK_CREATED, E.TASK_STARTED]
     assert events[1].data == {"worker": "w", "attempt": 1}
+
+
+async def test_two_appends_under_one_key_at_once_never_fail_their_batch(event_log: EventLog) -> None:
+    """Two commands sent at once under one key (a client retrying on another socket) never
+    share a batch: one is applied, the other is refused as a used key, and the task beside
+    them in the same moment is written as if neither existed."""
+    a, b, bystander = [(await event_log.create(CreateTask("demo", "p"))).task for _ in range(3)]
+    views = [await event_log.view(t) for t in (a, b, bystander)]
+    cancel = NewEvent(E.TASK_CANCELLED, {"reason": "x"})
+    results = await asyncio.gather(
+        event_log.append(a, views[0], [cancel], principal="p", key="same"),
+        event_log.append(b, views[1], [cancel], principal="p", key="same"),
+        event_log.append(bystander, views[2], [cancel]), return_exceptions=True)
+    assert sum(isinstance(r, DuplicateKey) for r in results[:2]) == 1
+    assert not isinstance(results[2], BaseException)
+    statuses = [(await event_log.view(t))["status"] for t in (a, b, bystander)]
+    assert sorted(statuses[:2]) == ["cancelled", "queued"] and statuses[2] == "cancelled"
+
+
+async def test_a_step_stops_at_once_when_its_deferred_start_finds_the_lease_gone(
+        event_log: EventLog, database_url: str) -> None:
+    """Invariant 3 with `step.started` not awaited: when its write finds the fence stale, the
+    step is stopped at once (not at the next heartbeat) and nothing more is written."""
+    ack = await event_log.create(CreateTask("demo", "p", {"steps": 1, "step_ms": 60_000}))
+    queue = Queue(event_log.pool)
+    (claim,) = await queue.claim("w", ["demo"], limit=1, lease_s=30)
+    conn = await asyncpg.connect(database_url)
+    try:  # another worker took it over
+        await conn.execute("UPDATE jobs SET fence = fence + 1 WHERE task_id = $1", ack.task)
+    finally:
+        await conn.close()
+    async with asyncio.timeout(5):  # the heartbeat would only look after 10 s
+        status = await run_claim(event_log, queue, claim, builtin()["demo"], worker="w", lease_s=30)
+    assert status is None
+    assert [e.type for e in await event_log.history(ack.task)] == [E.TASK_CREATED, E.TASK_STARTED]

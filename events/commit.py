@@ -23,9 +23,10 @@ from typing import Generic, TypeVar
 import asyncpg
 
 from events import db
+from events.clock import iso
 from events.errors import DuplicateKey, NotFound, StaleFence, TaskcastError, VersionConflict
-from events.fold import View
-from events.ids import FenceToken, Position, TaskId, position
+from events.fold import View, apply
+from events.ids import FenceToken, Position, TaskId, encode, position
 from events.model import JobChange, NewEvent
 from events.sql import q
 
@@ -154,6 +155,27 @@ class Append:
 
 
 Stored = list[tuple[int, Position]]  # each event's version and position
+
+
+def prepare(task: TaskId, view: View, events: Sequence[NewEvent], at: datetime, *,
+            fence: FenceToken | None = None, job_state: JobChange | None = None,
+            run_at: datetime | None = None, principal: str | None = None,
+            key: str | None = None) -> Append:
+    """The append of `events` to a task whose view is `view`, with the view after them, by
+    the fold. Raises IllegalTransition (FSM)."""
+    stamp = iso(at)
+    new = view
+    for i, event in enumerate(events, start=1):
+        new = apply(new, task, view["version"] + i, event.type, event.data, stamp)
+    return Append(task, view["version"], new, events, at, fence=fence, job_state=job_state,
+                  run_at=run_at, principal=principal, key=key)
+
+
+def view_after(item: Append, stored: Stored) -> View:
+    """The task's view once `item` is committed: its new view, at its last event's position."""
+    view = dict(item.new)
+    view["position"] = encode(stored[-1][1])
+    return view
 
 _OUTCOMES: dict[str, Callable[[Append], TaskcastError]] = {
     "conflict": lambda a: VersionConflict(f"task {a.task} is not at version {a.expected}"),

@@ -19,7 +19,7 @@ import asyncpg
 from events import db
 from events.bound import Bound, bound_on
 from events.clock import Clock, SystemClock, iso
-from events.commit import Append, Create, GroupCommit
+from events.commit import Create, GroupCommit, prepare, view_after
 from events.decide import Decision
 from events.errors import DuplicateKey, NotFound, VersionConflict
 from events.fold import View, apply, created_view
@@ -105,21 +105,15 @@ class EventLog:
         StaleFence (the worker's lease is lost: nothing was written), DuplicateKey,
         NotFound, Unavailable.
         """
-        now = self.clock.now()
-        at = iso(now)
-        new = view
-        for i, event in enumerate(events, start=1):
-            new = apply(new, task, view["version"] + i, event.type, event.data, at)
-        written = await self.committer.append(Append(
-            task, view["version"], new, events, now, fence=fence, job_state=job_state,
-            run_at=run_at, principal=principal, key=key))
+        item = prepare(task, view, events, self.clock.now(), fence=fence, job_state=job_state,
+                       run_at=run_at, principal=principal, key=key)
+        written = await self.committer.append(item)
         if self.on_append is not None:
             self.on_append()
+        at = iso(item.at)
         stored = [Event(task, version, e.type, e.data, at, pos, view["scope"])
                   for (version, pos), e in zip(written, events, strict=True)]
-        new = dict(new)
-        new["position"] = encode(stored[-1].position)
-        return new, stored
+        return view_after(item, written), stored
 
     async def command(self, task: TaskId, decide: Callable[[View], Decision], *,
                       principal: str = "", key: str | None = None,

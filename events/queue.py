@@ -16,11 +16,10 @@ from datetime import UTC, datetime
 import asyncpg
 
 from events import db
-from events.clock import iso
-from events.commit import Append, Stored, append_batch
+from events.commit import Append, Stored, append_batch, prepare, view_after
 from events.errors import TaskcastError
-from events.fold import View, apply
-from events.ids import FenceToken, TaskId, encode
+from events.fold import View
+from events.ids import FenceToken, TaskId
 from events.model import EventType, NewEvent, Status
 from events.sql import q
 
@@ -40,12 +39,9 @@ class Claim:
 
 
 def _start(claim: Claim, worker: str) -> Append:
-    now = datetime.now(UTC)
-    view = claim.view
-    data = {"worker": worker, "attempt": view.get("attempt", 1)}
-    new = apply(view, claim.task, view["version"] + 1, EventType.TASK_STARTED, data, iso(now))
-    return Append(claim.task, view["version"], new, [NewEvent(EventType.TASK_STARTED, data)], now,
-                  fence=claim.fence)
+    data = {"worker": worker, "attempt": claim.view.get("attempt", 1)}
+    return prepare(claim.task, claim.view, [NewEvent(EventType.TASK_STARTED, data)],
+                   datetime.now(UTC), fence=claim.fence)
 
 
 def _started(claim: Claim, start: Append, written: Stored | TaskcastError) -> Claim:
@@ -54,9 +50,7 @@ def _started(claim: Claim, start: Append, written: Stored | TaskcastError) -> Cl
     if isinstance(written, TaskcastError):
         log.warning("claimed %s but could not start it in the claim: %s", claim.task, written)
         return claim
-    view = dict(start.new)
-    view["position"] = encode(written[-1][1])
-    return dataclasses.replace(claim, view=view)
+    return dataclasses.replace(claim, view=view_after(start, written))
 
 
 class Queue:

@@ -91,7 +91,7 @@ BEGIN
     END IF;
 
     PERFORM 1 FROM tasks AS t WHERE t.id = ANY (p_tasks) ORDER BY t.id FOR UPDATE;
-    IF array_position(p_fences, NULL) IS DISTINCT FROM 1 OR cardinality(p_fences) > 1 THEN
+    IF cardinality(array_remove(p_fences, NULL)) > 0 THEN  -- a worker's items, with leases
         PERFORM 1 FROM jobs AS j
          WHERE j.task_id = ANY (SELECT i.task FROM unnest(p_tasks, p_fences) AS i (task, fence)
                                  WHERE i.fence IS NOT NULL)

@@ -95,6 +95,7 @@ class RunContext:
         self._flusher: asyncio.Handle | None = None
         self._flush_due = 0.0
         self._flushing: asyncio.Task[None] | None = None
+        self._flush_again = False
         self._dropped_lines = 0
         if claim.cancel_requested or claim.view.get("cancel_requested"):
             self.cancelled.set()
@@ -222,6 +223,8 @@ class RunContext:
         self._flusher = None
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.create_task(self._flush_quietly(), name=f"flush {self.task}")
+        else:  # due while one is in flight (waiting for PostgreSQL, say): it goes round again
+            self._flush_again = True
 
     async def close(self) -> None:
         """Stop the flush timer and await a flush in progress (the run is over)."""
@@ -233,8 +236,11 @@ class RunContext:
             await asyncio.gather(self._flushing, return_exceptions=True)
 
     async def _flush_quietly(self) -> None:
+        self._flush_again = True
         try:
-            await self.write([])
+            while self._flush_again:
+                self._flush_again = False
+                await self.write([])
         except LeaseLost as exc:
             # A flush is the first to know (a deferred `step.started`): the step must stop
             # now, as when a heartbeat finds the lease gone, not run on for another owner.

@@ -22,7 +22,7 @@ from events.kinds import builtin
 from events.log import CreateTask, EventLog
 from events.model import EventType, NewEvent
 from events.queue import Queue
-from events.runtime import run_claim
+from events.runtime import RunContext, run_claim
 from tests.waiting import eventually_async
 
 E = EventType
@@ -252,3 +252,41 @@ async def test_a_step_stops_at_once_when_its_deferred_start_finds_the_lease_gone
         status = await run_claim(event_log, queue, claim, builtin()["demo"], worker="w", lease_s=30)
     assert status is None
     assert [e.type for e in await event_log.history(ack.task)] == [E.TASK_CREATED, E.TASK_STARTED]
+
+
+async def test_output_due_while_a_flush_waits_is_written_by_that_flush(
+        event_log: EventLog, database_url: str) -> None:
+    """A flush falling due while another is still in flight (waiting for a lock, or for
+    PostgreSQL) is not dropped: the one in flight goes round again and writes it."""
+    await event_log.create(CreateTask("demo", "p"))
+    (claim,) = await Queue(event_log.pool).claim("w", ["demo"], limit=1, lease_s=30)
+    ctx = RunContext(event_log, claim, worker="w", flush_s=0.01)
+    await ctx.write([NewEvent(E.STEP_STARTED, {"step": "s"})])
+    ctx.step_name = "s"
+    blocker = await asyncpg.connect(database_url)
+    try:
+        await blocker.execute("BEGIN")
+        await blocker.execute("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE", claim.task)
+        ctx.output(["one"])
+        await eventually_async(lambda: _flushing(ctx), within=5)  # the first flush waits
+        ctx.output(["two"])
+        await eventually_async(lambda: _flag(ctx), within=5)  # due while it waits
+        await blocker.execute("ROLLBACK")
+    finally:
+        await blocker.close()
+
+    async def written() -> bool:
+        lines = [line for e in await event_log.history(claim.task) if e.type is E.STEP_OUTPUT
+                 for line in e.data["lines"]]
+        return lines == ["one", "two"]
+
+    await eventually_async(written, within=5)
+    await ctx.close()
+
+
+async def _flushing(ctx: RunContext) -> bool:
+    return ctx._flushing is not None and not ctx._flushing.done()
+
+
+async def _flag(ctx: RunContext) -> bool:
+    return ctx._flush_again

@@ -300,12 +300,15 @@ def child(pipe: Connection, port: int, count: int, channel: str, parse: int, rec
     uvloop.run(_serve(pipe, port, count, channel, parse, record))
 
 
-class SubscriberProcess:
-    """The benchmark's side: starts the child, runs rounds, stops it (by its PID)."""
+class ChildProcess:
+    """A benchmark's handle on a child process it talks to over a pipe: started with
+    `spawn`, ready once it says so, stopped by its PID (asked, then joined, then killed)."""
 
-    def __init__(self, port: int, count: int, channel: str, *, parse: int = 0, record: bool = False) -> None:
-        self.args = (port, count, channel, parse, record)
-        self.count = count
+    name = "bench-child"
+    ready_s = 30.0
+
+    def __init__(self, target: Any, *args: Any) -> None:
+        self.target, self.args = target, args
         self.proc: Any = None
         self.pipe: Connection | None = None
 
@@ -316,37 +319,25 @@ class SubscriberProcess:
             raise TimeoutError(f"the subscriber process did not answer within {timeout_s:.0f} s")
         return self.pipe.recv()
 
-    async def __aenter__(self) -> SubscriberProcess:
+    async def _start(self) -> Any:
+        """Start the child; its `ready` message (anything else raises, the child stopped)."""
         ctx = multiprocessing.get_context("spawn")
         self.pipe, theirs = ctx.Pipe()
-        self.proc = ctx.Process(target=child, args=(theirs, *self.args), daemon=True,
-                                name="bench-subscribers")
+        self.proc = ctx.Process(target=self.target, args=(theirs, *self.args), daemon=True,
+                                name=self.name)
         self.proc.start()
         theirs.close()
         try:
-            msg = await self._recv(60)
+            msg = await self._recv(self.ready_s)
             if msg[0] != "ready":
-                raise RuntimeError(f"subscribers could not connect: {msg[1]}")
-            self.setup_s: float = msg[1]
+                raise RuntimeError(f"{self.name} could not connect: {msg[1]}")
         except BaseException:
             await self.close()
             raise
-        return self
+        return msg
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    async def arm(self, expected: int, timeout_s: float) -> None:
-        """Start a round: every socket is to receive `expected` updates within `timeout_s`."""
-        assert self.pipe is not None
-        self.pipe.send(("run", expected, timeout_s))
-        msg = await self._recv(10)
-        assert msg == ("armed",), msg
-
-    async def results(self, timeout_s: float) -> dict[str, Any]:
-        msg = await self._recv(timeout_s)
-        assert msg[0] == "done", msg
-        return msg[1]  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         if self.proc is None:
@@ -365,3 +356,30 @@ class SubscriberProcess:
         if self.pipe is not None:
             self.pipe.close()
         self.proc = None
+
+
+class SubscriberProcess(ChildProcess):
+    """The benchmark's side: starts the child, runs rounds, stops it (by its PID)."""
+
+    name = "bench-subscribers"
+    ready_s = 60.0
+
+    def __init__(self, port: int, count: int, channel: str, *, parse: int = 0, record: bool = False) -> None:
+        super().__init__(child, port, count, channel, parse, record)
+        self.count = count
+
+    async def __aenter__(self) -> SubscriberProcess:
+        self.setup_s: float = (await self._start())[1]
+        return self
+
+    async def arm(self, expected: int, timeout_s: float) -> None:
+        """Start a round: every socket is to receive `expected` updates within `timeout_s`."""
+        assert self.pipe is not None
+        self.pipe.send(("run", expected, timeout_s))
+        msg = await self._recv(10)
+        assert msg == ("armed",), msg
+
+    async def results(self, timeout_s: float) -> dict[str, Any]:
+        msg = await self._recv(timeout_s)
+        assert msg[0] == "done", msg
+        return msg[1]  # type: ignore[no-any-return]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import multiprocessing
 import os
 import time
 from multiprocessing.connection import Connection
@@ -24,7 +23,7 @@ from typing import Any
 
 import orjson
 import uvloop
-from rawws import client_frame, parse_frames
+from rawws import ChildProcess, client_frame, parse_frames
 from subprocs import die_with_parent, raise_nofile
 
 PING_S = 10.0
@@ -165,38 +164,17 @@ def child(pipe: Connection, port: int, watch: tuple[str, ...]) -> None:
     uvloop.run(_serve(pipe, port, watch))
 
 
-class WatcherProcess:
+class WatcherProcess(ChildProcess):
     """The benchmark's side: starts the child, asks it to wait, stops it (by its PID)."""
 
-    def __init__(self, port: int, watch: tuple[str, ...]) -> None:
-        self.args = (port, watch)
-        self.proc: Any = None
-        self.pipe: Connection | None = None
+    name = "bench-watcher"
 
-    async def _recv(self, timeout_s: float) -> Any:
-        assert self.pipe is not None
-        loop = asyncio.get_running_loop()
-        if not await loop.run_in_executor(None, self.pipe.poll, timeout_s):
-            raise TimeoutError(f"the subscriber process did not answer within {timeout_s:.0f} s")
-        return self.pipe.recv()
+    def __init__(self, port: int, watch: tuple[str, ...]) -> None:
+        super().__init__(child, port, watch)
 
     async def __aenter__(self) -> WatcherProcess:
-        ctx = multiprocessing.get_context("spawn")
-        self.pipe, theirs = ctx.Pipe()
-        self.proc = ctx.Process(target=child, args=(theirs, *self.args), daemon=True, name="bench-watcher")
-        self.proc.start()
-        theirs.close()
-        try:
-            msg = await self._recv(30)
-            if msg[0] != "ready":
-                raise RuntimeError(f"the subscriber could not connect: {msg[1]}")
-        except BaseException:
-            await self.close()
-            raise
+        await self._start()
         return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def wait(self, etype: str, count: int, timeout_s: float) -> tuple[dict[str, dict[str, float]],
                                                                           dict[str, Any]]:
@@ -207,21 +185,3 @@ class WatcherProcess:
         msg = await self._recv(timeout_s + 10)
         assert msg[0] == "done", msg
         return msg[1], msg[2]
-
-    async def close(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            if self.proc.is_alive() and self.pipe is not None:
-                self.pipe.send(("close",))
-                await self._recv(10)
-        except (OSError, EOFError, TimeoutError):
-            pass
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.proc.join, 5)
-        if self.proc.is_alive():
-            self.proc.kill()
-            await loop.run_in_executor(None, self.proc.join, 5)
-        if self.pipe is not None:
-            self.pipe.close()
-        self.proc = None

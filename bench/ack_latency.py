@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import orjson
 import uvloop
-from benchlib import BUDGET_S, REDIS_URL, latency_line, percentile, scratch_database, unique
+from benchlib import BUDGET_S, REDIS_URL, events_shaped, latency_line, percentile, scratch_database, unique
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
@@ -39,22 +39,7 @@ COMMANDS = 2000
 RATE_PER_S = 1_000_000
 BLOCK = 200  # commands to one server before switching to the other
 
-FLOOR_TABLE = """
-CREATE TABLE floor_events (
-    xid      xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    seq      bigint GENERATED ALWAYS AS IDENTITY,
-    task_id  text NOT NULL,
-    version  integer NOT NULL,
-    scope    text NOT NULL,
-    type     text NOT NULL,
-    data     jsonb NOT NULL,
-    at       timestamptz NOT NULL,
-    snapshot jsonb,
-    PRIMARY KEY (xid, seq),
-    UNIQUE (task_id, version)
-);
-CREATE INDEX floor_events_scope_position ON floor_events (scope, xid, seq);
-"""
+FLOOR_TABLE = events_shaped("floor_events")
 FLOOR_INSERT = ("INSERT INTO floor_events (task_id, version, scope, type, data, at) "
                 "VALUES ($1, 1, $2, 'task.created', $3, now()) RETURNING xid::text, seq")
 

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 import uvloop
-from benchlib import BUDGET_S, StepTask, describe_postgres, running_tasks, scratch_database
+from benchlib import BUDGET_S, StepTask, describe_postgres, events_shaped, running_tasks, scratch_database
 
 from events import db
 from events.log import EventLog
@@ -40,22 +40,7 @@ Make = Callable[[StepTask], Sequence[NewEvent]]
 # One coroutine's turn of the raw peer: (connection, its task ids, the turn number) -> rows written
 RawTurn = Callable[[asyncpg.Connection, str, int], Awaitable[int]]
 
-RAW_TABLE = """
-CREATE TABLE raw_events (
-    xid      xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    seq      bigint GENERATED ALWAYS AS IDENTITY,
-    task_id  text NOT NULL,
-    version  integer NOT NULL,
-    scope    text NOT NULL,
-    type     text NOT NULL,
-    data     jsonb NOT NULL,
-    at       timestamptz NOT NULL,
-    snapshot jsonb,
-    PRIMARY KEY (xid, seq),
-    UNIQUE (task_id, version)
-);
-CREATE INDEX raw_events_scope_position ON raw_events (scope, xid, seq);
-"""
+RAW_TABLE = events_shaped("raw_events")
 INSERT = "INSERT INTO raw_events (task_id, version, scope, type, data, at) VALUES ($1, $2, $3, $4, $5, $6)"
 COLUMNS = ("task_id", "version", "scope", "type", "data", "at")
 

@@ -107,6 +107,12 @@ async def running_tasks(log: EventLog, count: int, *, concurrency: int = 16) -> 
     return tasks
 
 
+def events_shaped(table: str) -> str:
+    """SQL for a plain table of the shape of `events` (columns, defaults, identity, indexes;
+    none of its triggers): the raw peers' table, which follows the schema by construction."""
+    return f"CREATE TABLE {table} (LIKE events INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING INDEXES)"
+
+
 def percentile(ordered: Sequence[float], p: float) -> float:
     """Nearest-rank percentile of an ascending sequence."""
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]

@@ -49,6 +49,7 @@ from subprocs import (
     die_with_parent,
     postgres_processes,
     raise_nofile,
+    stop_popen,
 )
 from wsterm import WatcherProcess
 
@@ -244,13 +245,7 @@ async def pgq_round(conn: asyncpg.Connection, url: str, count: int, workers: int
         waits = await sampler.stop()
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(5)
+            stop_popen(p)
     row = await conn.fetchrow(
         "SELECT min(created) FILTER (WHERE status = 'picked') AS first, "
         "max(created) FILTER (WHERE status = 'successful') AS last, "

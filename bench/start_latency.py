@@ -33,7 +33,7 @@ import asyncpg
 import uvloop
 from benchlib import REDIS_URL, app_database, describe_postgres, percentile, scratch_database, unique
 from pgqueuer import AsyncpgDriver, Queries
-from subprocs import Background, Children, cancel_on_sigterm, die_with_parent, raise_nofile
+from subprocs import Background, Children, cancel_on_sigterm, die_with_parent, raise_nofile, stop_popen
 from wsterm import WatcherProcess
 
 from events import db
@@ -163,13 +163,8 @@ async def main(runs: int, duration_s: float) -> None:
                         missed[1] += miss
                         loads.append(background.stop())
             finally:
-                if consumer is not None and consumer.poll() is None:
-                    consumer.terminate()
-                    try:
-                        consumer.wait(10)
-                    except subprocess.TimeoutExpired:
-                        consumer.kill()
-                        consumer.wait(5)
+                if consumer is not None:
+                    stop_popen(consumer)
                 await pgq_conn.close()
                 await pool.close()
     n = int(RATE * duration_s)

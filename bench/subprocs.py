@@ -58,6 +58,17 @@ def cancel_on_sigterm() -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
 
+def stop_popen(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a peer's process by its PID: SIGTERM, then SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def free_port() -> int:
     """A free loopback TCP port (for `taskcast serve --port`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -31,3 +31,13 @@ async def answers(client: Client, *ids: str, seen: list[dict[str, Any]] | None =
 
     await client.until(match, within=within)
     return found
+
+
+async def parked(url: str, token: str, scope: str) -> tuple[Client, str]:
+    """A client of `token` and a task of `scope` it created, parked on its first question
+    (it stays put while a race is run against it); the client is subscribed to it."""
+    client = await Client.open(url, token=token)
+    ack = await client.request({"type": "create", "kind": "demo", "scope": scope,
+                                "input": {"steps": 1, "step_ms": 0, "ask_step": 1}, "subscribe": True})
+    await client.until(lambda f: f["type"] == "update" and f["event"]["type"] == "task.question")
+    return client, ack["task"]

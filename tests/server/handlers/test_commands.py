@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from cli.process import Process
 from server.protocol.auth import mint
 from tests.conftest import ws_url
-from tests.server.handlers.racing import answers, in_one_write
+from tests.server.handlers.racing import answers, in_one_write, parked
 from tests.wsclient import Client
 
 Launch = Callable[..., Awaitable[Process]]
@@ -37,16 +37,12 @@ async def test_a_refresh_racing_a_cancel_answers_as_for_a_missing_task(launch: L
     """A `cancel` of a project:2 task with a `refresh` dropping project:2 right behind it
     (read while the cancel reads the task) answers `not_found` and leaves the task alone."""
     process = await launch(secret=SECRET)
-    admin = await Client.open(ws_url(process), token=mint(SECRET, "admin", ["*"]))
-    parked = await admin.request({"type": "create", "kind": "demo", "scope": "project:2",
-                                  "input": {"steps": 1, "step_ms": 0, "ask_step": 1},
-                                  "subscribe": True})
-    await admin.until(lambda f: f["type"] == "update" and f["event"]["type"] == "task.question")
+    admin, task = await parked(ws_url(process), mint(SECRET, "admin", ["*"]), "project:2")
     user = await Client.open(ws_url(process), token=mint(SECRET, "u", ["project:1", "project:2"]))
-    in_one_write(user, {"type": "cancel", "id": "c", "task": parked["task"]},
+    in_one_write(user, {"type": "cancel", "id": "c", "task": task},
                  {"type": "refresh", "id": "r", "token": mint(SECRET, "u", NARROW)})
     answered = await answers(user, "c", "r")
     assert answered["r"]["type"] == "result", answered["r"]
     assert (answered["c"]["type"], answered["c"].get("code")) == ("error", "not_found"), answered["c"]
-    view = (await admin.request({"type": "get", "task": parked["task"]}))["data"]
+    view = (await admin.request({"type": "get", "task": task}))["data"]
     assert view["status"] == "waiting_answer" and not view.get("cancel_requested"), view

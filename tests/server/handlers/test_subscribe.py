@@ -11,7 +11,7 @@ from cli.process import Process
 from events.ids import ZERO, encode, position
 from server.protocol.auth import mint
 from tests.conftest import ws_url
-from tests.server.handlers.racing import answers, in_one_write
+from tests.server.handlers.racing import answers, in_one_write, parked
 from tests.wsclient import Client
 
 Launch = Callable[..., Awaitable[Process]]
@@ -56,12 +56,8 @@ async def test_a_refresh_racing_a_subscribe_never_lets_the_old_grant_through(
     named in `dropped`, and no view or event of the scope no longer granted reaches the
     socket."""
     process = await launch(secret=SECRET)
-    admin = await Client.open(ws_url(process), token=mint(SECRET, "admin", ["*"]))
-    parked = await admin.request({"type": "create", "kind": "demo", "scope": "project:2",
-                                  "input": {"steps": 1, "step_ms": 0, "ask_step": 1},
-                                  "subscribe": True})
-    await admin.until(lambda f: f["type"] == "update" and f["event"]["type"] == "task.question")
-    channel, extra = {"task": (f"task:{parked['task']}", {}),
+    admin, task = await parked(ws_url(process), mint(SECRET, "admin", ["*"]), "project:2")
+    channel, extra = {"task": (f"task:{task}", {}),
                       "scope since": ("scope:project:2", {"since": encode(ZERO)}),
                       "scope snapshot": ("scope:project:2", {"snapshot": True}),
                       "all snapshot": ("all", {"snapshot": True})}[variant]
@@ -79,7 +75,7 @@ async def test_a_refresh_racing_a_subscribe_never_lets_the_old_grant_through(
             "not_found" if variant == "task" else "forbidden")
         assert refused or channel in refreshed["data"]["dropped"], (subscribed, refreshed)
     # The task of project:2 moves on; nothing of it may reach the narrowed socket.
-    await admin.request({"type": "answer", "task": parked["task"], "question": "q_1", "answer": "approve"})
+    await admin.request({"type": "answer", "task": task, "question": "q_1", "answer": "approve"})
     await admin.until(lambda f: f["type"] == "update" and f["event"]["type"] == "task.completed",
                       within=20)
     in_one_write(user, {"type": "ping", "id": "p"})
@@ -97,19 +93,19 @@ async def test_a_since_this_database_never_gave_out_answers_current_views_and_go
     than a subscription silent until the log reaches that position."""
     process = await launch()
     client = await Client.open(ws_url(process))
-    parked = await client.request({"type": "create", "kind": "demo", "scope": "p:ahead",
-                                   "input": {"steps": 1, "step_ms": 0, "ask_step": 1},
-                                   "subscribe": True})
+    ack = await client.request({"type": "create", "kind": "demo", "scope": "p:ahead",
+                                "input": {"steps": 1, "step_ms": 0, "ask_step": 1},
+                                "subscribe": True})
     question = await client.until(lambda f: f["type"] == "update"
                                   and f["event"]["type"] == "task.question")
-    channel = f"task:{parked['task']}" if channel == "task" else channel
+    channel = f"task:{ack['task']}" if channel == "task" else channel
     ahead = encode(position(2**40, 7))  # a transaction id this database has not reached
     sub = await client.request({"type": "subscribe", "channel": channel, "since": ahead})
     assert sub["type"] == "subscribed" and sub["recovered"] is False, sub
     assert [(t["id"], t["version"]) for t in sub["tasks"]] == [
-        (parked["task"], question["event"]["version"])]
+        (ack["task"], question["event"]["version"])]
     assert sub["position"] < ahead
-    await client.request({"type": "answer", "task": parked["task"], "question": "q_1",
+    await client.request({"type": "answer", "task": ack["task"], "question": "q_1",
                           "answer": "approve"})
     await client.until(lambda f: f["type"] == "update" and f["channel"] == channel
                        and f["event"]["type"] == "task.completed", within=20)

@@ -1,6 +1,8 @@
 """Fan-out throughput: update frames delivered per second to 1,000 subscribers of one scope.
 
-`taskcast serve` (one node) and `taskcast relay` run as subprocesses on a scratch database;
+`taskcast serve --processes P` (one node process, and then P node processes sharing the
+port: `--processes 1,2` measures both in the same run and prints the ratio) and `taskcast
+relay` run as subprocesses on a scratch database;
 a child process (rawws.py) holds 1,000 raw websockets, each subscribed to `scope:fan`,
 counting update frames without parsing them. This process appends N events to 50
 running tasks of scope `fan` through EventLog.append, 100 per transaction, from 4
@@ -114,14 +116,30 @@ async def one_round(log: EventLog, tasks: list[FanTask], subs: SubscriberProcess
     return results["done_at"] - started, appended, results  # type: ignore[operator]
 
 
-async def main(subscribers: int, events: int, runs: int) -> None:
+async def main(subscribers: int, events: int, runs: int, processes: list[int]) -> None:
     cancel_on_sigterm()
     raise_nofile()
+    figures = [await measure(subscribers, events, runs, count) for count in processes]
+    if len(figures) > 1:
+        print(f"fan-out with --processes {processes[-1]} / --processes {processes[0]}, same run: "
+              f"{figures[-1] / figures[0]:.2f}x")
+
+
+def tree(ps: psutil.Process) -> list[psutil.Process]:
+    """A process and its descendants (a supervised `serve` and its node processes)."""
+    try:
+        return [ps, *ps.children(recursive=True)]
+    except psutil.Error:
+        return [ps]
+
+
+async def measure(subscribers: int, events: int, runs: int, processes: int) -> float:
+    """One configuration's rounds, printed; its median deliveries/s."""
     deadline = time.monotonic() + BUDGET_S
     async with asyncio.timeout(BUDGET_S), scratch_database("fanout") as url, \
             Children(url, REDIS_URL, unique("taskcast:bench:fanout")) as children:
         relay = children.start("relay")
-        node, port = await children.serve(ready=True)
+        node, port = await children.serve(ready=True, processes=processes)
         pool = await db.create_pool(url, min_size=WRITERS, max_size=WRITERS)
         try:
             log = EventLog(pool)
@@ -135,8 +153,9 @@ async def main(subscribers: int, events: int, runs: int) -> None:
                 for _ in range(runs):
                     if rounds and time.monotonic() + 1.5 * rounds[-1][0] + CLEANUP_S > deadline:
                         break  # a slow node: fewer rounds rather than overrunning the budget
-                    meter = CpuMeter([node.ps, relay.ps, subs_ps, psutil.Process(os.getpid())],
-                                     find=lambda: [node.ps, relay.ps, subs_ps, psutil.Process(os.getpid()),
+                    me = psutil.Process(os.getpid())
+                    meter = CpuMeter([*tree(node.ps), relay.ps, subs_ps, me],
+                                     find=lambda: [*tree(node.ps), relay.ps, subs_ps, me,  # noqa: B023
                                                    *postgres_processes()]).start()
                     background = Background().start()
                     try:
@@ -144,16 +163,18 @@ async def main(subscribers: int, events: int, runs: int) -> None:
                     except RuntimeError:
                         node.check_alive()
                         raise
-                    rounds.append((took, appended, results, meter.stop(), background.stop()))
+                    node_pids = {p.pid for p in tree(node.ps)}
+                    rounds.append((took, appended, results, meter.stop(), background.stop(), node_pids))
                 m = await metrics(port)
         finally:
             await pool.close()
     took_all = sorted(rounds, key=lambda r: r[0])
-    took, appended, results, meter, load = took_all[len(took_all) // 2]
+    took, appended, results, meter, load, node_pids = took_all[len(took_all) // 2]
     frame_bytes = results["bytes"] / (subscribers * events)  # type: ignore[operator]
     deliveries = subscribers * events
-    print(f"fan-out throughput: {subscribers:,} raw websocket subscribers of scope:{SCOPE} on one "
-          f"`taskcast serve` node (+ `taskcast relay`, subprocesses); {events:,} events per round "
+    print(f"fan-out throughput: {subscribers:,} raw websocket subscribers of scope:{SCOPE} on "
+          f"`taskcast serve --processes {processes}` (+ `taskcast relay`, subprocesses); "
+          f"{events:,} events per round "
           f"({BATCH} per transaction, {TASKS} tasks, {WRITERS} writers) = {deliveries:,} deliveries; "
           f"update frames ~{frame_bytes:.0f} bytes; median of {len(rounds)} rounds after a "
           f"{WARMUP_EVENTS}-event warm-up; uvloop; {psutil.cpu_count()} CPUs")
@@ -163,12 +184,14 @@ async def main(subscribers: int, events: int, runs: int) -> None:
     print(f"  rounds: {', '.join(f'{subscribers * events / r[0]:,.0f}' for r in rounds)} deliveries/s; "
           f"resyncs {m.get('taskcast_resyncs_total', 0):.0f}, gaps filled "
           f"{m.get('taskcast_gaps_filled_total', 0):.0f}")
-    pg = [p for p in meter.used if p not in (node.pid, relay.pid, subs_ps.pid, os.getpid())]
-    print(f"  CPU in the median round (% of one core): node {meter.percent([node.pid]):.0f}%, relay "
+    nodes = [p for p in meter.used if p in node_pids]
+    pg = [p for p in meter.used if p not in (*nodes, relay.pid, subs_ps.pid, os.getpid())]
+    print(f"  CPU in the median round (% of one core): node {meter.percent(nodes):.0f}%, relay "
           f"{meter.percent([relay.pid]):.0f}%, subscribers {meter.percent([subs_ps.pid]):.0f}%, appender "
           f"{meter.percent([os.getpid()]):.0f}%, PostgreSQL (every backend) {meter.percent(pg):.0f}%")
     print(f"  {load}")
     print(f"  {PEERS}; this script prints taskcast's figure only")
+    return deliveries / took
 
 
 if __name__ == "__main__":
@@ -177,5 +200,6 @@ if __name__ == "__main__":
     parser.add_argument("--subscribers", type=int, default=SUBSCRIBERS)
     parser.add_argument("--events", type=int, default=EVENTS)
     parser.add_argument("--runs", type=int, default=RUNS)
+    parser.add_argument("--processes", default="1", help="node processes, e.g. 1,2 (each measured in turn)")
     args = parser.parse_args()
-    uvloop.run(main(args.subscribers, args.events, args.runs))
+    uvloop.run(main(args.subscribers, args.events, args.runs, [int(p) for p in args.processes.split(",")]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import resource
 import signal
@@ -22,10 +21,11 @@ from typing import Any
 
 import psutil
 
+from cli.supervisor import die_with_parent  # no server outlives a benchmark that was killed
+
 # TASKCAST_BENCH_ROOT: run the subprocesses from another checkout (e.g. to compare revisions).
 ROOT = Path(os.environ.get("TASKCAST_BENCH_ROOT") or Path(__file__).resolve().parent.parent)
 NOFILE = 65536
-PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 10.0
 
 
@@ -36,13 +36,6 @@ def raise_nofile(want: int = NOFILE) -> int:
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def die_with_parent() -> None:
-    """Linux: have the kernel SIGTERM this process when its parent dies (even by SIGKILL),
-    so that no server outlives a benchmark that was killed. Used as `preexec_fn`."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _child_setup() -> None:
@@ -133,11 +126,12 @@ class Children:
         self.started.append(child)
         return child
 
-    async def serve(self, *, ready: bool = False) -> tuple[Child, int]:
-        """Start `taskcast serve` on a free port and wait for /healthz (or, with `ready`,
-        /readyz: relay messages arrive). The child and its port."""
+    async def serve(self, *, ready: bool = False, processes: int = 1) -> tuple[Child, int]:
+        """Start `taskcast serve --processes N` (one node process unless told) on a free port
+        and wait for /healthz (or, with `ready`, /readyz: relay messages arrive). The child
+        (with N > 1, the supervisor of the node processes) and its port."""
         port = free_port()
-        child = self.start("serve", "--host", "127.0.0.1", "--port", str(port))
+        child = self.start("serve", "--host", "127.0.0.1", "--port", str(port), "--processes", str(processes))
         await wait_http(child, port, "/readyz" if ready else "/healthz")
         return child, port
 

@@ -13,13 +13,15 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+from cli.supervisor import Supervisor, cores, reserve_port
 from server.settings import Settings, SettingsError, from_env
 
 DESCRIPTION = """taskcast: a realtime task event server.
 
   dev      everything in one process (embedded PostgreSQL and Valkey unless
            DATABASE_URL / REDIS_URL are set): migrations, server, relay, 2 workers
-  serve    a websocket/HTTP server node (production: any number of them)
+  serve    a websocket/HTTP server node (production: any number of them); --processes N
+           runs N node processes on the one port (default: one per core)
   worker   a worker process that runs tasks (any number)
   relay    the relay from the event log to Redis (run two: one leads, one stands by)
   migrate  apply pending database migrations and exit
@@ -51,13 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--port", type=int, help="default: TASKCAST_PORT, else 8000")
         p.add_argument("--insecure", action="store_true",
                        help="serve a non-loopback --host without TASKCAST_SECRET (everyone may do anything)")
+        if name == "serve":
+            p.add_argument("--processes", type=int,
+                           help="node processes sharing the port (TASKCAST_PROCESSES; default: one per core)")
         if name == "dev":
             p.add_argument("--data-dir", default=os.environ.get("TASKCAST_DATA_DIR", ".taskcast"),
                            help="where embedded PostgreSQL and Valkey keep their data")
             p.add_argument("--workers", type=int, help="worker loops in this process (TASKCAST_WORKERS, 2)")
     p = sub.add_parser("worker", help="run a worker", description="claim and run tasks")
     p.add_argument("--concurrency", type=int,
-                   help="tasks run at once (TASKCAST_WORKER_CONCURRENCY, 8)")
+                   help="tasks run at once (TASKCAST_WORKER_CONCURRENCY, 64)")
     sub.add_parser("relay", help="run the relay", description="publish the event log to Redis")
     sub.add_parser("migrate", help="apply migrations", description="apply pending migrations")
     p = sub.add_parser("token", help="mint a token", description="mint an HS256 token (TASKCAST_SECRET)")
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = from_env(node_id=f"{socket.gethostname()}:{os.getpid()}",
                             host=getattr(args, "host", None), port=getattr(args, "port", None),
                             workers=getattr(args, "workers", None),
+                            processes=getattr(args, "processes", None),
                             worker_concurrency=getattr(args, "concurrency", None))
     except SettingsError as exc:
         print(f"taskcast: {exc}", file=sys.stderr)
@@ -122,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "migrate":
         return _migrate(settings)
     if args.command == "serve":
+        processes = settings.processes or cores()
+        if processes > 1 and not settings.reuse_port:
+            return _supervise(settings, processes, args.insecure)
         roles = Roles(serve=True)
     elif args.command == "worker":
         if not settings.workspace_root:
@@ -158,6 +167,31 @@ def _safe_to_serve(settings: Settings, host: str, insecure: bool) -> bool:
         "no TASKCAST_SECRET: authentication is OFF, every client may do anything in every scope "
         "(fine for development on loopback; set TASKCAST_SECRET otherwise)")
     return True
+
+
+def _supervise(settings: Settings, processes: int, insecure: bool) -> int:
+    """`serve --processes N`: N children of this command on one port (cli/supervisor.py)."""
+    try:
+        held = reserve_port(settings.host, settings.port)
+    except OSError as exc:
+        print(f"taskcast serve: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+        return 2
+    with held:
+        port = held.getsockname()[1]
+        command = [sys.executable, "-m", "cli.main", "serve", "--host", settings.host, "--port", str(port),
+                   *(["--insecure"] if insecure else [])]
+        env = {**os.environ, "TASKCAST_REUSE_PORT": "1", "TASKCAST_PROCESSES": "1"}
+        logging.getLogger("taskcast").info("serving %s:%d with %d node processes", settings.host, port,
+                                           processes)
+        supervisor = Supervisor(command, processes, env, stop_deadline_s=3 * settings.stop_timeout_s + 5)
+        code = 0
+
+        async def go() -> None:
+            nonlocal code
+            code = await supervisor.run()
+
+        _run(go())
+        return code
 
 
 def _migrate(settings: Settings) -> int:

@@ -64,7 +64,8 @@ class Node:
             loop_task.add_done_callback(self._loop_died)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: Connection(self.services), self.settings.host,
-                                               self.settings.port, backlog=4096)
+                                               self.settings.port, backlog=4096,
+                                               reuse_port=self.settings.reuse_port)
         sockets = self.server.sockets
         if sockets and self.settings.port == 0:
             self.services.settings = self.settings.with_(port=sockets[0].getsockname()[1])

@@ -63,6 +63,11 @@ class Settings:
     drain_grace_s: float = _W.drain_grace_s
     scope_limit: int | None = _W.scope_limit
     retention_s: float | None = _W.retention_s  # history of ended tasks kept (None: forever)
+    # `taskcast serve`: node processes on the port (None: one per core), and whether this
+    # node binds it with SO_REUSEPORT (set for the children of `--processes`; also lets a
+    # new node take the port over while the old one drains)
+    processes: int | None = None
+    reuse_port: bool = False
     # every process
     stop_timeout_s: float = 10.0  # each stage of a stop, beyond the drain grace
 
@@ -109,7 +114,8 @@ def _json_depth(v: Any) -> bool:
 
 
 _RULES: dict[str, Callable[[Any], bool]] = {"port": _port, "allowed_origins": _origin_list,
-                                            "scope_limit": _positive, "max_json_depth": _json_depth}
+                                            "scope_limit": _positive, "processes": _positive,
+                                            "max_json_depth": _json_depth}
 _RULE_TEXT: dict[Callable[[Any], bool], str] = {
     _positive: "must be a positive number", _port: "must be a port (0..65535)",
     _origin_list: "each must be an origin (scheme://host[:port]), `null` or `*`",
@@ -125,8 +131,16 @@ def env_name(field: str) -> str:
 _SEPARATORS = {"clone_roots": os.pathsep}  # lists of paths, like PATH; other lists: commas
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True,
+             "0": False, "false": False, "no": False, "off": False}
+
+
 def _parse(name: str, kind: str, raw: str) -> Any:
     kind = kind.replace(" | None", "")
+    if kind == "bool":
+        if raw.strip().lower() not in _BOOLEANS:
+            raise ValueError(raw)
+        return _BOOLEANS[raw.strip().lower()]
     if kind == "int":
         return int(raw)
     if kind == "float":
@@ -148,7 +162,8 @@ def from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings
         try:
             values[f.name] = _parse(f.name, str(f.type), raw)
         except ValueError:
-            raise SettingsError(f"{env_name(f.name)}={raw!r}: must be {f.type}") from None
+            expected = "a boolean (1/0, true/false, yes/no, on/off)" if f.type == "bool" else f.type
+            raise SettingsError(f"{env_name(f.name)}={raw!r}: must be {expected}") from None
     if values.get("secret") == "":
         values["secret"] = None
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -13,12 +13,12 @@ def test_every_setting_is_read_from_its_variable() -> None:
     comma-separated, and flags given win over the environment."""
     env = {"DATABASE_URL": "postgresql://x/y", "TASKCAST_RATE_PER_S": "50", "TASKCAST_LEASE_S": "2.5",
            "TASKCAST_ALLOWED_ORIGINS": "https://a.example, https://b.example", "TASKCAST_PORT": "9000",
-           "TASKCAST_MAX_SUBSCRIPTIONS": "7", "TASKCAST_SECRET": ""}
+           "TASKCAST_MAX_SUBSCRIPTIONS": "7", "TASKCAST_SECRET": "", "TASKCAST_REUSE_PORT": "Yes"}
     s = from_env(env, port=9100, host=None)
     assert (s.database_url, s.rate_per_s, s.lease_s, s.port, s.host) == \
         ("postgresql://x/y", 50, 2.5, 9100, "127.0.0.1")
     assert s.allowed_origins == ("https://a.example", "https://b.example")
-    assert s.max_subscriptions == 7 and s.secret is None
+    assert s.max_subscriptions == 7 and s.secret is None and s.reuse_port is True
     assert env_name("max_frame_bytes") == "TASKCAST_MAX_FRAME_BYTES"
 
 
@@ -34,6 +34,8 @@ def test_defaults_come_from_the_code_they_configure() -> None:
     ({"TASKCAST_MAX_JSON_DEPTH": "-1"}, "TASKCAST_MAX_JSON_DEPTH"),
     ({"TASKCAST_MAX_JSON_DEPTH": "255"}, "TASKCAST_MAX_JSON_DEPTH"),  # deeper than orjson encodes
     ({"TASKCAST_ALLOWED_ORIGINS": "evil.example"}, "TASKCAST_ALLOWED_ORIGINS"),
+    ({"TASKCAST_PROCESSES": "0"}, "TASKCAST_PROCESSES"),
+    ({"TASKCAST_REUSE_PORT": "maybe"}, "TASKCAST_REUSE_PORT"),
 ])
 def test_a_bad_value_is_refused_naming_its_variable(env: dict[str, str], variable: str) -> None:
     """A value no process could run with stops the start with the variable's name."""

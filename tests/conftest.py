@@ -32,6 +32,8 @@ from events.migrate import migrate
 from server.settings import Settings
 from tests.restarting import Restartable
 
+Launch = Callable[..., Awaitable[Process]]  # the `launch` fixture: start a Process, changed settings
+
 _counter = itertools.count()
 
 
@@ -192,7 +194,7 @@ def ws_url(process: Process) -> str:
 
 
 @pytest.fixture
-async def launch(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[Process]]]:
+async def launch(settings: Settings) -> AsyncIterator[Launch]:
     """Start processes with changed settings: `await launch(rate_per_s=5, workers=0)`."""
     stack = AsyncExitStack()
 

@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 
 from websockets.exceptions import ConnectionClosed
 
 from server.settings import Settings
+from tests.spawn import taskcast
 from tests.waiting import eventually, free_port, listening
 from tests.wsclient import Client
-
-
-def _serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-           "TASKCAST_CHANNEL": settings.channel, "TASKCAST_LOG": "WARNING"}
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port)], env=env)
 
 
 async def test_sigterm_closes_every_socket_with_1001_and_exits(settings: Settings) -> None:
     """On SIGTERM the node stops accepting, closes its sockets with 1001, and exits 0."""
     port = free_port()
-    proc = _serve(settings, port)
+    proc = taskcast(settings, "serve", "--port", str(port))
     try:
         await eventually(lambda: listening(port), 20)
         clients = [await Client.open(f"ws://127.0.0.1:{port}/ws") for _ in range(3)]

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from server.settings import Settings
+from tests.spawn import taskcast
 from tests.waiting import eventually, free_port, listening
 from tests.wsclient import Client
 
@@ -69,11 +69,7 @@ async def welcome(url: str) -> tuple[Client, int]:
 async def supervised(settings: Settings) -> AsyncIterator[tuple[subprocess.Popen[bytes], int]]:
     """`taskcast serve --processes 2` on a free port; killed if a test leaves it running."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-           "TASKCAST_CHANNEL": settings.channel, "TASKCAST_LOG": "WARNING"}
-    env.pop("TASKCAST_SECRET", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--processes", "2"],
-                            env=env)
+    proc = taskcast(settings, "serve", "--port", str(port), "--processes", "2")
     try:
         await eventually(lambda: serving(proc, port), 30)
         yield proc, port

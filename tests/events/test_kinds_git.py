@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cli.process import Process
 from events.kinds.git import parse_progress
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.events.kinds_support import (
     all_gone,
     commit,
@@ -26,8 +25,6 @@ from tests.events.kinds_support import (
 )
 from tests.waiting import eventually
 from tests.wsclient import Client
-
-Launch = Callable[..., Awaitable[Process]]
 
 
 def _bare_origin(where: Path, files: int = 40, name: str = "origin") -> Path:

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
@@ -19,7 +18,7 @@ from events.kinds.agent import STATE_FILE
 from events.kinds.proc import gone, wait_gone
 from events.kinds.provision import ensure_agent, make_provision, request, stop_agent
 from server.settings import Settings
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.events.kinds_support import (
     create,
     run,
@@ -32,8 +31,6 @@ from tests.events.kinds_support import (
 )
 from tests.waiting import eventually
 from tests.wsclient import Client
-
-Launch = Callable[..., Awaitable[Process]]
 
 # The real agent, except that it never answers OPEN: provisioning hangs in create_session.
 _STALLED_AGENT = """

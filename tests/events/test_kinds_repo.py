@@ -3,12 +3,11 @@ leave the repository clean; cancel aborts; one action per repository at a time."
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cli.process import Process
 from server.settings import Settings
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.events.kinds_support import (
     all_gone,
     clean_and_idle,
@@ -30,8 +29,6 @@ from tests.events.kinds_support import (
 )
 from tests.waiting import eventually, eventually_async
 from tests.wsclient import Client
-
-Launch = Callable[..., Awaitable[Process]]
 
 
 def _rebase_feature(repo: Path) -> dict[str, str]:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from cli.process import Process
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.events.kinds_support import (
     all_gone,
     create,
@@ -18,8 +15,6 @@ from tests.events.kinds_support import (
 )
 from tests.waiting import eventually
 from tests.wsclient import Client
-
-Launch = Callable[..., Awaitable[Process]]
 
 
 async def _client(launch: Launch, allow: str, **settings: object) -> Client:

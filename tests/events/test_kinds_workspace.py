@@ -20,11 +20,10 @@ from events.kinds.git import source
 from events.kinds.workspace import relative, scope_dirname
 from server.protocol.auth import mint
 from server.settings import from_env
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.events.kinds_support import commit, git, new_repo, refused, run, scope_dir
 from tests.wsclient import Client
 
-Launch = Callable[..., Awaitable[Process]]
 SECRET = "isolation-test-secret-of-32-bytes-at-least"
 ALICE, BOB = "tenant:alice", "tenant:bob"
 SHELL_ALLOW = ("sh", "env", "pwd", "touch")

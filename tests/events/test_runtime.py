@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cli.process import Process, load_kinds
+from cli.process import load_kinds
 from events.kinds import builtin
 from events.log import CreateTask, EventLog
 from events.model import EventType
 from events.queue import Queue
 from events.worker import Worker, WorkerConfig
 from server.settings import Settings
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.waiting import cancelled, eventually_async
 from tests.wsclient import Client
 
 E = EventType
-Launch = Callable[..., Awaitable[Process]]
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from server.settings import Settings
+from tests.spawn import process_env, taskcast
 from tests.waiting import eventually_async, free_port
 from tests.wsclient import Client
 
@@ -58,11 +57,8 @@ async def _http_status(port: int, path: str) -> int:
 async def live(settings: Settings, tmp_path: Path) -> AsyncIterator[Live]:
     """`taskcast serve`, `relay` and `worker` as separate processes, logs in tmp_path."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-           "TASKCAST_CHANNEL": settings.channel,
-           "TASKCAST_WORKSPACE_ROOT": settings.workspace_root, "TASKCAST_LOG": "INFO",
-           "TASKCAST_LEASE_S": "5"}
-    env.pop("TASKCAST_SECRET", None)
+    env = process_env(settings, TASKCAST_WORKSPACE_ROOT=settings.workspace_root, TASKCAST_LOG="INFO",
+                      TASKCAST_LEASE_S="5")
     commands = {"serve": ["serve", "--port", str(port)], "relay": ["relay"],
                 "worker": ["worker", "--concurrency", "8"]}
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -71,8 +67,7 @@ async def live(settings: Settings, tmp_path: Path) -> AsyncIterator[Live]:
         for name, args in commands.items():
             logs[name] = tmp_path / f"{name}.log"
             with logs[name].open("wb") as out:
-                procs[name] = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env,
-                                               stdout=out, stderr=subprocess.STDOUT)
+                procs[name] = taskcast(settings, *args, env=env, stdout=out, stderr=subprocess.STDOUT)
 
         async def ready() -> bool:
             try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -22,11 +21,10 @@ from events.log import CreateTask
 from events.relay.projector import Projector
 from server.protocol.auth import mint
 from server.settings import Settings
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.waiting import eventually, eventually_async
 from tests.wsclient import Client
 
-Launch = Callable[..., Awaitable[Process]]
 SECRET = "a-secret-for-tests-that-is-32-bytes-long"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -12,11 +11,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from cli.process import Process
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.waiting import eventually_async
 from tests.wsclient import Client
-
-Launch = Callable[..., Awaitable[Process]]
 
 
 async def _closed_with(client: Client, within: float = 10) -> int | None:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import socket
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -18,11 +17,9 @@ from websockets.exceptions import ConnectionClosed
 from cli.embedded import EmbeddedPostgres, restart_postgres, stop_postgres
 from cli.process import Process, Roles
 from server.settings import Settings
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.waiting import eventually_async
 from tests.wsclient import Client
-
-Launch = Callable[..., Awaitable[Process]]
 
 
 def _versions(updates: list[dict[str, Any]]) -> dict[str, list[int]]:

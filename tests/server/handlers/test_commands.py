@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-from cli.process import Process
 from server.protocol.auth import mint
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.server.handlers.racing import answers, in_one_write, parked
 from tests.wsclient import Client
 
-Launch = Callable[..., Awaitable[Process]]
 SECRET = "a-secret-for-tests-that-is-32-bytes-long"
 NARROW = ["project:1"]
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from cli.process import Process
 from server.protocol.auth import mint
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.server.handlers.racing import answers, in_one_write
 from tests.wsclient import Client
 
-Launch = Callable[..., Awaitable[Process]]
 SECRET = "a-secret-for-tests-that-is-32-bytes-long"
 
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import jwt
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from cli.process import Process
 from server.protocol.auth import mint
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.wsclient import Client
 
-Launch = Callable[..., Awaitable[Process]]
 SECRET = "a-secret-for-tests-that-is-32-bytes-long"
 
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import asyncpg
 
-from cli.process import Process
-from tests.conftest import ws_url
+from tests.conftest import Launch, ws_url
 from tests.waiting import eventually
 from tests.wsclient import Client
-
-Launch = Callable[..., Awaitable[Process]]
 
 
 async def test_reading_pauses_at_max_inflight_and_resumes_when_requests_finish(

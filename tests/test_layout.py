@@ -1,5 +1,5 @@
 """The layout keeps its promises: no import circle between modules, nothing imports the
-Node, and asyncpg stays inside events/."""
+Node, asyncpg stays inside events/, and the gateway makes no blocking call."""
 
 from __future__ import annotations
 
@@ -68,3 +68,26 @@ def test_asyncpg_is_imported_only_inside_events() -> None:
     for pkg in ("server", "cli"):
         for path in (ROOT / pkg).rglob("*.py"):
             assert not any(m.split(".")[0] == "asyncpg" for m in _imports(path, everywhere=True)), path
+
+
+_BLOCKING_CALLS = {"time.sleep", "open", "input", "os.system", "os.popen", "os.wait", "os.waitpid",
+                   "socket.create_connection", "socket.getaddrinfo", "select.select"}
+_BLOCKING_METHODS = {"read_text", "read_bytes", "write_text", "write_bytes", "sendall", "makefile"}
+_SYNC_CLIENTS = {"subprocess", "requests", "urllib.request", "http.client", "psycopg", "psycopg2",
+                 "redis.client"}
+
+
+def test_the_gateway_makes_no_blocking_call() -> None:
+    """Invariant 8: nothing in server/ (the gateway, which runs every socket on one loop)
+    sleeps, reads or writes a file, runs a process or uses a synchronous network client;
+    such work belongs to the workers, or to a thread."""
+    for path in (ROOT / "server").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = _imports(path, everywhere=True)
+        assert not {m for m in imported if m in _SYNC_CLIENTS or m == "redis"}, (path, imported)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                method = node.func.attr if isinstance(node.func, ast.Attribute) else None
+                assert name not in _BLOCKING_CALLS and method not in _BLOCKING_METHODS, \
+                    f"{path.relative_to(ROOT)}:{node.lineno}: {name}() blocks the loop"

@@ -31,6 +31,7 @@ from subprocs import (
     metrics,
     postgres_processes,
     raise_nofile,
+    tree,
     wait_metric,
 )
 
@@ -123,14 +124,6 @@ async def main(subscribers: int, events: int, runs: int, processes: list[int]) -
     if len(figures) > 1:
         print(f"fan-out with --processes {processes[-1]} / --processes {processes[0]}, same run: "
               f"{figures[-1] / figures[0]:.2f}x")
-
-
-def tree(ps: psutil.Process) -> list[psutil.Process]:
-    """A process and its descendants (a supervised `serve` and its node processes)."""
-    try:
-        return [ps, *ps.children(recursive=True)]
-    except psutil.Error:
-        return [ps]
 
 
 async def measure(subscribers: int, events: int, runs: int, processes: int) -> float:

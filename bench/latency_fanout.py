@@ -44,7 +44,16 @@ from benchlib import (
 from fanout import FanTask, running_tasks
 from rawws import SubscriberProcess
 from redis.asyncio import Redis
-from subprocs import Background, Children, CpuMeter, cancel_on_sigterm, metrics, raise_nofile, wait_metric
+from subprocs import (
+    Background,
+    Children,
+    CpuMeter,
+    cancel_on_sigterm,
+    metrics,
+    raise_nofile,
+    tree,
+    wait_metric,
+)
 
 from events import db
 from events.log import EventLog
@@ -160,7 +169,7 @@ class Phase:
     load: str = ""
 
 
-async def main(subscribers: int, rate: int, duration: float) -> None:
+async def main(subscribers: int, rate: int, duration: float, processes: int) -> None:
     cancel_on_sigterm()
     raise_nofile()
     count = int(rate * duration)
@@ -179,7 +188,7 @@ async def main(subscribers: int, rate: int, duration: float) -> None:
         tapping = asyncio.create_task(tap(redis, channel, published, tapped))
         await asyncio.wait_for(tapped.wait(), 10)
         relay = children.start("relay")
-        node, port = await children.serve(ready=True)
+        node, port = await children.serve(ready=True, processes=processes)
         pool = await db.create_pool(url, min_size=2, max_size=2)
         try:
             log = EventLog(pool, on_append=start_waker(redis, channel).poke)
@@ -196,7 +205,8 @@ async def main(subscribers: int, rate: int, duration: float) -> None:
                 for phase in phases:
                     await subs.arm(count, duration + 30)
                     background = Background().start()
-                    meter = CpuMeter([node.ps, relay.ps, subs_ps]).start()
+                    nodes = tree(node.ps)
+                    meter = CpuMeter([*nodes, relay.ps, subs_ps]).start()
                     async with contextlib.AsyncExitStack() as stack:
                         if phase.busy is not None:
                             await stack.enter_async_context(busy_client(phase.busy, duration + 1))
@@ -206,7 +216,7 @@ async def main(subscribers: int, rate: int, duration: float) -> None:
                     phase.results = await subs.results(60)  # (v1: every event came after COMMIT)
                     phase.load = background.stop()
                     meter.stop()
-                    phase.cpu = (f"node {meter.percent([node.pid]):.0f}%, relay "
+                    phase.cpu = (f"node {meter.percent([p.pid for p in nodes]):.0f}%, relay "
                                  f"{meter.percent([relay.pid]):.0f}%, subscribers "
                                  f"{meter.percent([subs_ps.pid]):.0f}%")
                     node.check_alive()
@@ -218,7 +228,8 @@ async def main(subscribers: int, rate: int, duration: float) -> None:
 
     print(f"commit -> socket latency: {count:,} events at {rate}/s for {duration:.0f} s per phase, one "
           f"per transaction over {TASKS} tasks, to {subscribers:,} raw websocket subscribers of "
-          f"scope:{SCOPE} on one `taskcast serve` node (+ `taskcast relay`, subprocesses), after a "
+          f"scope:{SCOPE} on `taskcast serve --processes {processes}` (+ `taskcast relay`, "
+          f"subprocesses), after a "
           f"{WARMUP_S:.0f} s warm-up; uvloop; phases in one run")
     lows = {}
     for i, phase in enumerate(phases):
@@ -299,5 +310,6 @@ if __name__ == "__main__":
     parser.add_argument("--subscribers", type=int, default=SUBSCRIBERS)
     parser.add_argument("--rate", type=int, default=RATE_PER_S, help="events per second")
     parser.add_argument("--duration", type=float, default=DURATION_S, help="seconds")
+    parser.add_argument("--processes", type=int, default=1, help="node processes of `taskcast serve`")
     args = parser.parse_args()
-    uvloop.run(main(args.subscribers, args.rate, args.duration))
+    uvloop.run(main(args.subscribers, args.rate, args.duration, args.processes))

@@ -62,6 +62,14 @@ def stop_popen(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(5)
 
 
+def tree(ps: psutil.Process) -> list[psutil.Process]:
+    """A process and its descendants (a supervised `serve` and its node processes)."""
+    try:
+        return [ps, *ps.children(recursive=True)]
+    except psutil.Error:
+        return [ps]
+
+
 def free_port() -> int:
     """A free loopback TCP port (for `taskcast serve --port`)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -12,8 +12,9 @@ any other wait without a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -32,6 +33,53 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     except TimeoutError:
         return event.is_set()
     return True
+
+
+class Flag(asyncio.Event):
+    """An asyncio.Event that also calls back when it is set, so that a coroutine can wait
+    for the first of a task and a few flags (`until`) without a task per flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        if not self.is_set():
+            super().set()
+            for callback in list(self._callbacks):
+                callback()
+
+    def add_callback(self, callback: Callable[[], None]) -> None:
+        self._callbacks.append(callback)
+
+    def remove_callback(self, callback: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+
+async def until(task: asyncio.Future[Any], *flags: Flag, timeout_s: float | None = None) -> None:
+    """Wait until `task` is done or one of `flags` is set, or `timeout_s` passes. Does not
+    cancel `task`."""
+    if task.done() or any(flag.is_set() for flag in flags):
+        return
+    woken = asyncio.get_running_loop().create_future()
+
+    def wake(*_: object) -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    task.add_done_callback(wake)
+    for flag in flags:
+        flag.add_callback(wake)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await woken
+    except TimeoutError:
+        pass
+    finally:
+        task.remove_done_callback(wake)
+        for flag in flags:
+            flag.remove_callback(wake)
 
 
 async def pause(seconds: float) -> None:

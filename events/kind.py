@@ -47,9 +47,12 @@ class TaskContext(Protocol):
     attempt: int
     input: dict[str, Any]
     view: View
-    cancelled: asyncio.Event  # set when a cancel (or the deadline) asks the task to stop
     workspace_root: str  # where scopes' directories are (events.kinds.workspace)
     log: EventLog
+
+    @property
+    def cancelled(self) -> asyncio.Event:
+        """Set when a cancel (or the deadline) asks the task to stop."""
 
     def plan(self, steps: int) -> None:
         """Say how many steps the task has, so the view's overall progress means something."""

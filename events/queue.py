@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -77,11 +77,13 @@ class Queue:
         started = dict(zip(starts, written, strict=True))
         return [_started(c, starts[c.task], started[c.task]) if c.task in started else c for c in claims]
 
-    async def heartbeat(self, task: TaskId, fence: FenceToken, lease_s: float) -> bool | None:
-        """Extend a lease. Returns the cancel flag, or None when the lease is lost."""
+    async def heartbeat(self, leases: Mapping[TaskId, FenceToken], lease_s: float) -> dict[TaskId, bool]:
+        """Extend the leases still held, in one statement: each one's cancel flag. A task
+        missing from the answer has lost its lease. Raises Unavailable."""
         async with db.acquire(self.pool) as conn:
-            row = await conn.fetchrow(q("heartbeat"), task, fence, lease_s)
-        return None if row is None else bool(row["cancel_requested"])
+            with db.translate():
+                rows = await conn.fetch(q("heartbeat"), list(leases), list(leases.values()), lease_s)
+        return {TaskId(r["task_id"]): bool(r["cancel_requested"]) for r in rows}
 
     async def hand_back(self, task: TaskId, fence: FenceToken) -> bool:
         """Give back a job this worker holds under `fence` (draining): queued at once, its

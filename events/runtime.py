@@ -34,14 +34,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from events import attempt
-from events.aio import pause, wait_event
+from events.aio import Flag, pause, until
 from events.errors import StaleFence, TaskcastError, Unavailable, VersionConflict
 from events.fold import View
 from events.ids import FenceToken, TaskId
 from events.kind import KindSpec, StepError, TaskCancelled
 from events.log import EventLog
 from events.model import EventType, JobChange, NewEvent, Status
-from events.queue import Claim, Queue
+from events.queue import Claim
 
 log = logging.getLogger("taskcast.runtime")
 T = TypeVar("T")
@@ -80,9 +80,10 @@ class RunContext:
         self.worker = worker
         self.view: View = claim.view
         self.input: dict[str, Any] = claim.view.get("input") or {}
-        self.cancelled = asyncio.Event()
-        self.lost = asyncio.Event()  # a write found the lease gone: write nothing more
+        self.cancelled = Flag()
+        self.lost = Flag()  # the lease is gone (a write or a heartbeat found it): write nothing more
         self.lost_because = ""
+        self.lease_ok_at = time.monotonic()  # when the lease was last known to be held
         self.flush_s = flush_s
         self.step_name: str | None = None
         self._total: int | None = None
@@ -99,6 +100,12 @@ class RunContext:
         self._dropped_lines = 0
         if claim.cancel_requested or claim.view.get("cancel_requested"):
             self.cancelled.set()
+
+    def lose(self, because: str) -> None:
+        """The lease is gone: the run stops at once and writes nothing more."""
+        if not self.lost.is_set():
+            self.lost_because = because
+            self.lost.set()
 
     # the API kinds use
 
@@ -244,8 +251,7 @@ class RunContext:
         except LeaseLost as exc:
             # A flush is the first to know (a deferred `step.started`): the step must stop
             # now, as when a heartbeat finds the lease gone, not run on for another owner.
-            self.lost_because = str(exc)
-            self.lost.set()
+            self.lose(str(exc))
         except TaskcastError as exc:
             log.debug("flush of %s failed: %s", self.task, exc)
 
@@ -340,16 +346,20 @@ def deadline(view: View) -> float | None:
     return (start + timedelta(seconds=seconds) - datetime.now(UTC)).total_seconds()
 
 
-async def run_claim(log_: EventLog, queue: Queue, claim: Claim, kind: KindSpec, *, worker: str,
+async def run_claim(log_: EventLog, claim: Claim, kind: KindSpec, *, worker: str,
                     lease_s: float, cancel_grace_s: float = 5.0, workspace_root: str = "",
                     on_context: Callable[[RunContext | None], None] | None = None) -> Status | None:
     """Run a claimed task until its run ends (or its lease is lost). Returns the terminal
-    status it wrote, or None (parked, retrying, lease lost)."""
+    status it wrote, or None (parked, retrying, lease lost).
+
+    The caller keeps the lease: `on_context` is given the run's context, which the worker's
+    heartbeat (one query for all its tasks, events/worker.py) keeps alive, sets `cancelled`
+    on when a cancel is requested, and `lose`s when the lease is gone."""
     ctx = RunContext(log_, claim, worker=worker, lease_s=lease_s, workspace_root=workspace_root)
     if on_context is not None:
         on_context(ctx)
     try:
-        return await _run(ctx, queue, kind, lease_s, cancel_grace_s)
+        return await _run(ctx, kind, cancel_grace_s)
     except LeaseLost as exc:
         log.warning("stopped %s: %s", ctx.task, exc)
         return None
@@ -381,8 +391,7 @@ async def _fail_crashed(ctx: RunContext, exc: Exception) -> Status | None:
     return Status.FAILED
 
 
-async def _run(ctx: RunContext, queue: Queue, kind: KindSpec, lease_s: float,
-               cancel_grace_s: float) -> Status | None:
+async def _run(ctx: RunContext, kind: KindSpec, cancel_grace_s: float) -> Status | None:
     if Status(ctx.view["status"]) in (Status.QUEUED, Status.RETRYING):
         await ctx.write([NewEvent(E.TASK_STARTED, {"worker": ctx.worker, "attempt": ctx.attempt})])
     timed_out = asyncio.Event()
@@ -395,18 +404,16 @@ async def _run(ctx: RunContext, queue: Queue, kind: KindSpec, lease_s: float,
 
         timer = asyncio.get_running_loop().call_later(max(left, 0), expire)
     main = asyncio.create_task(kind.run(ctx), name=f"{kind.name} {ctx.task}")
-    beat = asyncio.create_task(_heartbeat(ctx, queue, lease_s), name=f"heartbeat {ctx.task}")
-    stop = asyncio.create_task(ctx.cancelled.wait())
     try:
-        await asyncio.wait({main, beat, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if beat.done():
-            beat.result()  # raises LeaseLost
-        if stop.done() and not main.done():
+        await until(main, ctx.cancelled, ctx.lost)
+        if ctx.lost.is_set():
+            raise LeaseLost(ctx.lost_because)
+        if ctx.cancelled.is_set() and not main.done():
             # Cancel (or timeout): the step was signalled through ctx.cancelled; give it a
             # grace period to stop by itself, then abort it.
-            await asyncio.wait({main, beat}, timeout=cancel_grace_s, return_when=asyncio.FIRST_COMPLETED)
-            if beat.done():
-                beat.result()
+            await until(main, ctx.lost, timeout_s=cancel_grace_s)
+            if ctx.lost.is_set():
+                raise LeaseLost(ctx.lost_because)
             if not main.done():
                 main.cancel()
             await asyncio.gather(main, return_exceptions=True)
@@ -423,9 +430,8 @@ async def _run(ctx: RunContext, queue: Queue, kind: KindSpec, lease_s: float,
     finally:
         if timer is not None:
             timer.cancel()
-        for task in (main, beat, stop):
-            task.cancel()
-        await asyncio.gather(main, beat, stop, return_exceptions=True)
+        main.cancel()
+        await asyncio.gather(main, return_exceptions=True)
 
 
 async def _finish(ctx: RunContext, kind: KindSpec, main: asyncio.Task[Any]) -> Status | None:
@@ -471,23 +477,3 @@ async def cleanup_abandoned(log_: EventLog, view: View, kind: KindSpec, *, worke
         return
     claim = Claim(TaskId(view["id"]), FenceToken(0), view.get("attempt", 1), True, view)
     await _cleanup(RunContext(log_, claim, worker=worker, workspace_root=workspace_root), kind)
-
-
-async def _heartbeat(ctx: RunContext, queue: Queue, lease_s: float) -> None:
-    """Extend the lease every third of it; bring back the cancel flag. Raises LeaseLost."""
-    last_ok = time.monotonic()
-    while True:
-        if await wait_event(ctx.lost, lease_s / 3):
-            raise LeaseLost(ctx.lost_because)
-        try:
-            flag = await queue.heartbeat(ctx.task, ctx.fence, lease_s)
-        except TaskcastError as exc:
-            log.warning("heartbeat of %s failed: %s", ctx.task, exc)
-            if time.monotonic() - last_ok > lease_s:
-                raise LeaseLost("heartbeats failed for longer than the lease") from exc
-            continue
-        last_ok = time.monotonic()
-        if flag is None:
-            raise LeaseLost(f"lease of {ctx.task} lost")
-        if flag:
-            ctx.cancelled.set()

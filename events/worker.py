@@ -6,6 +6,9 @@ Named loops, watched by one TaskGroup (a loop that dies stops the worker):
 - `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth).
 - `maintain`: a round of the janitor (events/janitor.py) every `maintain_every_s`: leases
   expired, deadlines of tasks whose worker died, dependencies, retention.
+- `heartbeat`: every third of the lease, one statement extends the leases of every task
+  this worker runs and brings back their cancel flags; a task whose lease is gone, or not
+  confirmed for a whole lease (PostgreSQL unreachable), stops at once and writes nothing.
 
 `drain()` (at SIGTERM, before the process stops) stops claiming, gives the running tasks
 a grace period to finish, then hands each remaining one back: its runner is stopped, its
@@ -19,6 +22,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -85,6 +89,7 @@ class Worker:
                 tg.create_task(self._listen(), name="worker.listen")
                 tg.create_task(self._claim_loop(), name="worker.claim")
                 tg.create_task(self._maintain_loop(), name="worker.maintain")
+                tg.create_task(self._heartbeat_loop(), name="worker.heartbeat")
         finally:
             for task in list(self._running):
                 task.cancel()
@@ -201,7 +206,7 @@ class Worker:
             else:
                 self._contexts[claim.task] = ctx
 
-        status = await run_claim(self.log, self.queue, claim, kind, worker=self.name,
+        status = await run_claim(self.log, claim, kind, worker=self.name,
                                  lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
                                  workspace_root=self.config.workspace_root, on_context=track)
         if status is not None and status.terminal:
@@ -228,6 +233,42 @@ class Worker:
         re-queued something."""
         if await self.janitor.round():
             self._wake.set()
+
+    async def heartbeat(self) -> None:
+        """Extend the lease of every task running here, in one statement; set the cancel
+        flags it brings back; stop the tasks whose lease is gone, or has not been confirmed
+        for a whole lease. Raises Unavailable (then the leases stand as they were)."""
+        running = {task: ctx for task, ctx in self._contexts.items() if not ctx.lost.is_set()}
+        if not running:
+            return
+        asked = time.monotonic()
+        try:
+            async with asyncio.timeout(self.config.lease_s / 3):
+                flags = await self.queue.heartbeat({t: c.fence for t, c in running.items()},
+                                                   self.config.lease_s)
+        except (TaskcastError, TimeoutError) as exc:
+            for ctx in running.values():
+                if time.monotonic() - ctx.lease_ok_at > self.config.lease_s:
+                    ctx.lose(f"heartbeats failed for longer than the lease: {exc}")
+            raise Unavailable(f"heartbeat: {exc}") from exc
+        for task, ctx in running.items():
+            if task not in flags:
+                ctx.lose(f"lease of {task} lost")
+                continue
+            ctx.lease_ok_at = asked
+            if flags[task]:
+                ctx.cancelled.set()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await pause(self.config.lease_s / 3)
+            try:
+                await self.heartbeat()
+            except TaskcastError as exc:
+                log.warning("heartbeat failed: %s", exc)
+            except Exception:
+                log.exception("heartbeat failed")
+                self.errors += 1
 
     async def _maintain_loop(self) -> None:
         while True:

@@ -82,10 +82,20 @@ SELECT task_id, fence, attempt, cancel_requested, view, version
   FROM taskcast_claim($1, $2, $3, $4, $5);
 
 -- name: heartbeat
+-- Extend the leases ($1 tasks, $2 their fences) still held, in task order (the lock order of
+-- events/commit.py); each one's cancel flag. A lease not returned is lost.
+WITH held AS (
+    SELECT j.task_id FROM jobs AS j
+      JOIN unnest($1::text[], $2::bigint[]) AS l (task_id, fence) ON l.task_id = j.task_id
+     WHERE j.fence = l.fence AND j.state = 'running' AND j.lease_expires_at > now()
+     ORDER BY j.task_id
+       FOR UPDATE OF j
+)
 UPDATE jobs AS j
    SET lease_expires_at = now() + make_interval(secs => $3)
- WHERE j.task_id = $1 AND j.fence = $2 AND j.state = 'running' AND j.lease_expires_at > now()
-RETURNING j.cancel_requested;
+  FROM held
+ WHERE j.task_id = held.task_id
+RETURNING j.task_id, j.cancel_requested;
 
 -- name: rescue
 -- Re-queue jobs whose lease expired. The conditions are checked again inside the UPDATE,

@@ -249,7 +249,7 @@ async def test_a_step_stops_at_once_when_its_deferred_start_finds_the_lease_gone
     finally:
         await conn.close()
     async with asyncio.timeout(5):  # the heartbeat would only look after 10 s
-        status = await run_claim(event_log, queue, claim, builtin()["demo"], worker="w", lease_s=30)
+        status = await run_claim(event_log, claim, builtin()["demo"], worker="w", lease_s=30)
     assert status is None
     assert [e.type for e in await event_log.history(ack.task)] == [E.TASK_CREATED, E.TASK_STARTED]
 

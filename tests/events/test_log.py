@@ -211,8 +211,8 @@ async def test_a_superseded_fence_cannot_append_even_one_event(
                                fence=first.fence)
     assert [(e.version, e.type) for e in await event_log.history(task)] == [
         (1, E.TASK_CREATED), (2, E.TASK_STARTED), (3, E.STEP_STARTED)]
-    assert await queue.heartbeat(task, first.fence, 30) is None
-    assert await queue.heartbeat(task, second.fence, 30) is False
+    assert await queue.heartbeat({task: first.fence}, 30) == {}  # lost
+    assert await queue.heartbeat({task: second.fence}, 30) == {task: False}
 
 
 async def test_an_expired_lease_cannot_append_before_anyone_reclaims(event_log: EventLog,

@@ -232,3 +232,40 @@ async def test_a_worker_stops_when_a_maintenance_round_swallowed_its_cancel(
     running = asyncio.create_task(worker.run(), name="worker")
     await asyncio.wait_for(entered.wait(), 10)
     await cancelled(running, within=5)
+
+
+async def test_one_heartbeat_keeps_every_running_task_leased(
+        event_log: EventLog, settings: Settings, in_process: list[asyncio.Task[None]]) -> None:
+    """Tasks running three times as long as the lease, with the janitor rescuing expired
+    leases twice a second, each complete on their first claim: the worker's heartbeat
+    kept all their leases."""
+    acks = [await event_log.create(CreateTask("demo", "p", {"steps": 2, "step_ms": 2000})) for _ in range(3)]
+    _start(settings, event_log, in_process, lease_s=1.5, maintain_every_s=0.5)
+    for ack in acks:
+        events = await _until_event(event_log, ack.task, lambda e: e.type is E.TASK_COMPLETED)
+        assert [e.type for e in events].count(E.TASK_STARTED) == 1, events
+        assert _steps(events, E.STEP_STARTED) == ["step_1", "step_2"]
+
+
+async def test_the_heartbeat_stops_a_task_whose_lease_was_taken_and_brings_back_a_cancel(
+        event_log: EventLog, settings: Settings, database_url: str,
+        in_process: list[asyncio.Task[None]]) -> None:
+    """A job whose fence moved on (another worker took it) stops at the worker's next
+    heartbeat and writes nothing more; a cancel flag raised without a notification reaches
+    its task through the heartbeat."""
+    taken = await event_log.create(CreateTask("demo", "p", {"steps": 1, "step_ms": 20_000}))
+    flagged = await event_log.create(CreateTask("demo", "p", {"steps": 1, "step_ms": 20_000}))
+    worker = _start(settings, event_log, in_process, lease_s=3)
+    for ack in (taken, flagged):
+        await _until_event(event_log, ack.task, lambda e: e.type is E.STEP_STARTED)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("UPDATE jobs SET fence = fence + 1, lease_owner = 'another', "
+                           "lease_expires_at = now() + interval '1 hour' WHERE task_id = $1", taken.task)
+        await conn.execute("UPDATE jobs SET cancel_requested = true WHERE task_id = $1", flagged.task)
+    finally:
+        await conn.close()
+    await _until_event(event_log, flagged.task, lambda e: e.type is E.TASK_CANCELLED, within=20)
+    await eventually(lambda: taken.task not in worker._contexts, 10)
+    assert [e.type for e in await _history(event_log, taken.task)] == [
+        E.TASK_CREATED, E.TASK_STARTED, E.STEP_STARTED]

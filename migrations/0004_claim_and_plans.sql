@@ -1,4 +1,5 @@
--- The claim's update of the jobs it takes goes through the primary key.
+-- The claim's update of the jobs it takes goes through the primary key, and the batch
+-- functions keep generic plans.
 --
 -- 0003's claim joined `jobs` with the rows it took (`UPDATE jobs ... FROM taken`), and the
 -- planner, which cannot know that `taken` holds at most p_limit rows, hashed them and read
@@ -93,3 +94,14 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- The batch functions too: their statements take arrays whose sizes do not change the
+-- right plan (every table is reached by key). Per call, generic plans cut the server's
+-- time of a one-item append by about a third and of a one-item create by about a sixth
+-- (pg_stat_user_functions, 500 sequential calls each, modes alternated three times).
+ALTER FUNCTION taskcast_append_batch(text[], integer[], text[], jsonb[], bigint[], text[], timestamptz[],
+                                     text[], text[], integer[], integer[], text[], jsonb[], timestamptz[])
+    SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION taskcast_create_batch(text[], text[], text[], text[], jsonb[], integer[], jsonb[], timestamptz[],
+                                     text[], text[], text[], text[])
+    SET plan_cache_mode = force_generic_plan;

@@ -4,7 +4,6 @@ policy and the heartbeat. Skipped, saying so, where `node` is absent."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from server.protocol.auth import mint
+from tests.waiting import run
 
 ROOT = Path(__file__).resolve().parents[2]
 NODE = shutil.which("node")
@@ -35,13 +35,6 @@ async def test_the_module_passes_its_node_tests_against_a_live_server(launch: An
            "TASKCAST_TEST_BAD_TOKEN": mint("another-secret-of-32-bytes-or-more-than-that", "x", ["*"]),
            "TASKCAST_TEST_HEARTBEAT_S": str(HEARTBEAT_S)}
     assert NODE is not None
-    node = await asyncio.create_subprocess_exec(
-        NODE, "--experimental-websocket", "--test", "--test-reporter=spec", str(ROOT / "tests" / "js"),
-        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        out, _ = await asyncio.wait_for(node.communicate(), RUN_S)
-    finally:
-        if node.returncode is None:
-            node.kill()
-            await node.wait()
-    assert node.returncode == 0, out.decode(errors="replace")
+    status, out = await run(NODE, "--experimental-websocket", "--test", "--test-reporter=spec",
+                            str(ROOT / "tests" / "js"), within=RUN_S, cwd=ROOT, env=env)
+    assert status == 0, out

@@ -15,7 +15,7 @@ import pytest
 from cli.process import Process
 from tests.conftest import ws_url
 from tests.restarting import Restartable
-from tests.waiting import eventually
+from tests.waiting import eventually, run
 from tests.wsclient import Client
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "client-example"
@@ -165,17 +165,7 @@ async def test_a_refused_token_is_final(launch: Any) -> None:
 
 
 async def _run_bot(url: str, *args: str, within: float = 60) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(EXAMPLE / "bot.py"), "--url", url, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=EXAMPLE)
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), within)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode()
+    return await run(sys.executable, str(EXAMPLE / "bot.py"), "--url", url, *args, within=within, cwd=EXAMPLE)
 
 
 async def test_the_bot_answers_the_question_and_exits_0(taskcast: Process) -> None:

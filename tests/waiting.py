@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 POLL_S = 0.02
@@ -50,3 +51,18 @@ async def cancelled(*tasks: asyncio.Task[Any], within: float = 10.0) -> None:
     for task in tasks:
         if not task.cancelled():
             task.exception()  # retrieved: the test decides what an error means
+
+
+async def run(*argv: str, within: float, cwd: Path, env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Run a program to its end: its exit status and output (stdout and stderr). Killed,
+    and TimeoutError, when it has not ended `within` seconds."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=cwd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), within)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")

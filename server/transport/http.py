@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from server.protocol.auth import origin_of
 from server.settings import Settings
 
 STATIC_DIR = Path(__file__).parents[1] / "static"  # the dashboard
@@ -39,7 +42,7 @@ class Http:
         ]
         if STATIC_DIR.is_dir():
             routes.append(Mount("/", StaticFiles(directory=STATIC_DIR, html=True)))
-        self.app = Starlette(routes=routes)
+        self.app = Starlette(routes=routes, middleware=[cors(settings())])
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.settings().node_id})
@@ -91,6 +94,16 @@ class Http:
         lines += [k + b": " + v for k, v in out_headers if k.lower() not in (b"connection",)]
         lines.append(b"connection: close")
         return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+
+
+def cors(settings: Settings) -> Middleware:
+    """Pages of the origins that may open a socket (TASKCAST_ALLOWED_ORIGINS, the public
+    URL's) may also load what this server serves: a module script from another origin, as
+    `import "https://<node>/taskcast.js"` is, needs `Access-Control-Allow-Origin`."""
+    origins = [o.lower().rstrip("/") for o in settings.allowed_origins]
+    if settings.public_url and (public := origin_of(settings.public_url)):
+        origins.append(public)
+    return Middleware(CORSMiddleware, allow_origins=origins, allow_methods=("GET", "HEAD"))
 
 
 _REASONS = {200: b"OK", 304: b"Not Modified", 404: b"Not Found", 405: b"Method Not Allowed",

@@ -22,28 +22,11 @@ from tests.restarting import Restartable
 from tests.waiting import free_port
 from tests.wsclient import Client
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 OUTPUT = Path(__file__).resolve().parents[1] / "output"
 EXAMPLE_PAGE = Path(__file__).resolve().parents[2] / "client-example" / "page.html"
 WIDE, PHONE = {"width": 1280, "height": 860}, {"width": 390, "height": 844}
 WAIT_MS = 20_000
 SECRET = "a-dashboard-test-secret-of-32-bytes-or-more"
-
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
-playwright_api = pytest.importorskip("playwright.async_api", reason="needs the `playwright` package")
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    """One headless Chromium for the module."""
-    async with playwright_api.async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield browser
-        await browser.close()
-
 
 class Tab:
     """A page of the dashboard; fails the test on any JavaScript error."""

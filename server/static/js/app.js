@@ -1,34 +1,39 @@
-// The dashboard: one connection, one `all` subscription feeding the store, and three pages
-// chosen by the hash: #/ (tasks), #/task/<id>, #/new.
+// The dashboard: one taskcast.js client, one `all` subscription feeding the store, and three
+// pages chosen by the hash: #/ (tasks), #/task/<id>, #/new.
 
-import { Connection } from "./connection.js";
+import { connect } from "../taskcast.js";
 import { CreatePage } from "./create.js";
-import { age, duration, h, seconds } from "./dom.js";
+import { age, duration, h, seconds, toast } from "./dom.js";
 import { ListPage } from "./list.js";
 import { Store } from "./store.js";
 import { TaskPage } from "./task.js";
 
 const TOKEN_KEY = "taskcast.token";
-const wsUrl = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+// Final closes the dashboard names; any other is a plain "closed".
+const FINAL = { 4401: "unauthorized", 4403: "forbidden", 1009: "too_large" };
 
-const conn = new Connection(wsUrl, { token: localStorage.getItem(TOKEN_KEY) });
 const store = new Store();
 const main = document.getElementById("app");
 let page = null;
-
-// Live from the first paint: the snapshot of every task, then each update after it. On a
-// resume the subscription continues from its last position (connection.js); when the
-// server could not (`recovered: false`), its current views come instead, and the open
-// task's events are read again from its history.
-conn.subscribe("all", {
-  snapshot: true,
-  onUpdate: (frame) => store.applyUpdate(frame),
-  onSubscribed: (answer) => {
-    for (const view of answer.tasks || []) store.putView(view);
-    if (answer.recovered === false && page instanceof TaskPage) page.fillHistory().catch(() => {});
-    document.body.dataset.loaded = "true";
+let connState = { state: "connecting" }; // what onState said last (the header shows it)
+const client = connect(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`, {
+  token: localStorage.getItem(TOKEN_KEY),
+  client: "taskcast-dashboard/1",
+  onState: (state) => {
+    connState = state;
+    showState();
   },
 });
+
+// Live from the first paint: the snapshot of every task, then each update after it, every
+// version once and in order, across reconnects (taskcast.js resumes and repairs).
+client.subscribe("all", {
+  snapshot: true,
+  onSnapshot: (views) => {
+    for (const view of views) store.putView(view);
+    document.body.dataset.loaded = "true";
+  },
+}, (update) => store.applyUpdate(update));
 store.addEventListener("change", (ev) => page && page.update(ev.detail));
 
 function route() {
@@ -36,8 +41,8 @@ function route() {
   const [path, query] = hash.split("?");
   if (page) page.destroy && page.destroy();
   const task = path.match(/^\/task\/([^/]+)$/);
-  if (task) page = new TaskPage(conn, store, decodeURIComponent(task[1]));
-  else if (path === "/new") page = new CreatePage(conn);
+  if (task) page = new TaskPage(client, store, decodeURIComponent(task[1]));
+  else if (path === "/new") page = new CreatePage(client);
   else page = new ListPage(store, new URLSearchParams(query || ""));
   if (!task) document.title = "taskcast";
   main.replaceChildren(page.el);
@@ -52,10 +57,17 @@ window.addEventListener("hashchange", route);
 const pill = document.getElementById("conn");
 const tokenBar = document.getElementById("token-bar");
 
+// The client's state as the header names it.
+function shown() {
+  if (connState.state === "closed") return FINAL[connState.code] || "closed";
+  return connState.state === "connecting" && connState.attempt ? "reconnecting" : connState.state;
+}
+
 function showState() {
-  const { state, detail } = conn;
+  const state = shown();
+  const detail = connState.code ? `closed (${connState.code})${connState.reason ? `: ${connState.reason}` : ""}` : "";
   pill.dataset.state = state;
-  const wait = conn.retryAt > Date.now() ? duration((conn.retryAt - Date.now()) / 1000) : "";
+  const wait = connState.retryAt > Date.now() ? duration((connState.retryAt - Date.now()) / 1000) : "";
   const text = {
     connecting: "Connecting…",
     open: "Live",
@@ -66,33 +78,31 @@ function showState() {
     closed: "Closed",
   }[state] || state;
   pill.replaceChildren(h("span.dot", { "aria-hidden": "true" }), h("span.state-text", {}, text));
-  if (state === "reconnecting" && wait) pill.append(h("button.link", { type: "button", onclick: () => conn.retryNow() }, "Retry now"));
+  if (state === "reconnecting" && wait) pill.append(h("button.link", { type: "button", onclick: () => client.retryNow() }, "Retry now"));
   pill.title = detail || text;
   tokenBar.hidden = state !== "unauthorized";
   if (state === "unauthorized") {
-    tokenBar.querySelector(".token-why").textContent = conn.token
+    tokenBar.querySelector(".token-why").textContent = client.token
       ? "The server refused this token. Paste a valid one:"
       : "This server requires a token. Paste yours to connect:";
   }
 }
-conn.addEventListener("state", showState);
 
 tokenBar.querySelector("form").addEventListener("submit", (ev) => {
   ev.preventDefault();
   const token = tokenBar.querySelector("input").value.trim();
   if (!token) return;
   localStorage.setItem(TOKEN_KEY, token);
-  conn.setToken(token);
+  client.setToken(token).catch((err) => toast(`Token refused: ${err.message}`));
 });
 
 // Ages, running times and the reconnect countdown move on their own.
 setInterval(() => {
   for (const el of document.querySelectorAll("[data-age]")) el.textContent = age(el.dataset.age);
   for (const el of document.querySelectorAll("[data-elapsed]")) el.textContent = duration(seconds(el.dataset.elapsed));
-  if (conn.state === "reconnecting") showState();
+  if (connState.state === "reconnecting") showState();
 }, 1000);
 
-window.taskcast = { conn, store }; // for the console (and tests)
+window.taskcast = { client, store }; // for the console (and tests)
 route();
 showState();
-conn.start();

@@ -25,8 +25,8 @@ export const KINDS = {
 const SCOPE_KEY = "taskcast.scope";
 
 export class CreatePage {
-  constructor(conn) {
-    this.conn = conn;
+  constructor(client) {
+    this.client = client;
     const template = (kind) => JSON.stringify((KINDS[kind] || {}).input || {}, null, 2);
     this.about = h("p.help", {}, KINDS.demo.about);
     this.kind = h("select#kind", { name: "kind", required: true },
@@ -71,14 +71,14 @@ export class CreatePage {
       this.input.focus();
       return;
     }
-    const frame = { type: "create", kind: this.kind.value, scope: this.scope.value.trim(), input };
+    const frame = { kind: this.kind.value, scope: this.scope.value.trim(), input };
     const labels = this.labels.value.split(",").map((l) => l.trim()).filter(Boolean);
     if (labels.length) frame.labels = labels;
     if (this.timeout.value) frame.timeout_s = Number(this.timeout.value);
     this.submit.disabled = true;
     this.submit.textContent = "Creating…";
     try {
-      const ack = await this.conn.command(frame);
+      const ack = await this.client.create(frame);
       localStorage.setItem(SCOPE_KEY, frame.scope);
       toast(`Created ${frame.kind} task`, "ok");
       location.hash = `#/task/${ack.task}`;

@@ -33,16 +33,16 @@ export class Store extends EventTarget {
     for (const t of ended.slice(0, this.tasks.size - MAX_TASKS)) this.tasks.delete(t.id);
   }
 
-  /** Record an `update` frame; false when its version was seen already. */
-  applyUpdate(frame) {
-    const { event, task } = frame;
+  /** Record an update (its `task` view is null when taskcast.js filled it from history). */
+  applyUpdate(update) {
+    const { event, task } = update;
     const log = this.events.get(event.task);
     if (log && !log.has(event.version)) {
       log.set(event.version, event);
       trim(log);
       this._changed(event.task);
     }
-    return this.putView(task);
+    if (task) this.putView(task);
   }
 
   watch(id) {

@@ -7,8 +7,8 @@
 import { age, badge, clock, duration, h, json, progressBar, RETRYABLE, seconds, setProgress, TERMINAL, toast } from "./dom.js";
 
 export class TaskPage {
-  constructor(conn, store, id) {
-    this.conn = conn;
+  constructor(client, store, id) {
+    this.client = client;
     this.store = store;
     this.id = id;
     this.missing = false;
@@ -40,7 +40,7 @@ export class TaskPage {
   async load() {
     try {
       // The whole view, once: updates carry the compact one, without `input` (PROTOCOL.md).
-      const whole = (await this.conn.request({ type: "get", task: this.id })).data;
+      const whole = await this.client.get(this.id);
       this.input = whole.input;
       if (!this.store.putView(whole)) this.render();
       await this.fillHistory();
@@ -57,7 +57,7 @@ export class TaskPage {
     const view = this.store.tasks.get(this.id);
     let after = Math.max(0, (view ? view.version : 0) - 1000);
     for (;;) {
-      const page = (await this.conn.request({ type: "history", task: this.id, after, limit: 1000 })).data;
+      const page = await this.client.history(this.id, { after, limit: 1000 });
       this.store.putHistory(this.id, page.events);
       if (!page.more || !page.events.length) return;
       after = page.events[page.events.length - 1].version;
@@ -107,12 +107,12 @@ export class TaskPage {
     const actions = [];
     if (!TERMINAL.has(t.status)) {
       actions.push(h("button.button.danger", { type: "button", "data-action": "cancel", disabled: !!t.cancel_requested,
-        onclick: (ev) => this.command(ev.currentTarget, { type: "cancel", task: t.id, reason: "cancelled from the dashboard" }) },
+        onclick: (ev) => this.command(ev.currentTarget, "cancel", () => this.client.cancel(t.id, { reason: "cancelled from the dashboard" })) },
       t.cancel_requested ? "Cancelling…" : "Cancel"));
     }
     if (RETRYABLE.has(t.status)) {
       actions.push(h("button.button.primary", { type: "button", "data-action": "retry",
-        onclick: (ev) => this.command(ev.currentTarget, { type: "retry", task: t.id }) }, "Retry"));
+        onclick: (ev) => this.command(ev.currentTarget, "retry", () => this.client.retry(t.id)) }, "Retry"));
     }
     return [
       h("div.title-row", {}, h("h1", {}, t.kind), badge(t.status), h("div.actions", {}, actions)),
@@ -131,7 +131,7 @@ export class TaskPage {
     const send = async (answer) => {
       busy(true);
       try {
-        await this.conn.command({ type: "answer", task: t.id, question: q.id, answer });
+        await this.client.answer(t.id, q.id, answer);
       } catch (err) {
         toast(`Could not answer: ${err.message}`);
         busy(false);
@@ -151,12 +151,12 @@ export class TaskPage {
     return card;
   }
 
-  async command(button, frame) {
+  async command(button, name, send) {
     button.disabled = true;
     try {
-      await this.conn.command(frame);
+      await send();
     } catch (err) {
-      toast(`${frame.type} failed: ${err.message}`);
+      toast(`${name} failed: ${err.message}`);
       button.disabled = false;
     }
   }

@@ -117,7 +117,9 @@ class Supervisor:
                 child.send_signal(signal.SIGTERM)
         try:
             async with asyncio.timeout(self.stop_deadline_s):
-                return await exited
+                code = await exited
+            # One that was still starting (no handler yet) dies of the signal: stopped as asked.
+            return 0 if code == -signal.SIGTERM else code
         except TimeoutError:
             log.warning("node process pid %d did not stop within %.0f s; killing it",
                         child.pid, self.stop_deadline_s)

@@ -204,3 +204,11 @@ UPDATE jobs AS j
        run_at = now()
  WHERE j.task_id = $1 AND j.fence = $2 AND j.state = 'running'
 RETURNING j.task_id;
+
+-- name: queue_depth
+-- Jobs queued and due, by kind, and how long the oldest has waited (for /metrics).
+SELECT j.kind, count(*) AS queued,
+       extract(epoch FROM now() - min(j.run_at))::float8 AS oldest_s
+  FROM jobs AS j
+ WHERE j.state = 'queued' AND j.run_at <= now()
+ GROUP BY j.kind;

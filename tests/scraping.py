@@ -19,6 +19,8 @@ async def get(port: int, path: str = "/metrics", method: str = "GET") -> tuple[i
             data = await reader.read()
     finally:
         writer.close()
+    if not data:
+        raise ConnectionError(f"port {port} closed the connection without an answer")
     head, _, body = data.decode().partition("\r\n\r\n")
     return int(head.split()[1]), body
 

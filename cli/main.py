@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command in ("dev", "serve") and not _safe_to_serve(settings, settings.host, args.insecure):
         return 2
+    if args.command != "migrate":
+        from events import tracing
+
+        tracing.configure(f"taskcast-{args.command}", os.environ)  # the standard OTEL_* variables
     if args.command == "dev":
         workspace_root = settings.workspace_root or str((Path(args.data_dir) / "workspaces").resolve())
         return dev(settings.with_(workspace_root=workspace_root), Path(args.data_dir), settings.workers)

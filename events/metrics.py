@@ -19,7 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from events import db
 from events.errors import TaskcastError
-from events.fold import View
+from events.fold import View, ended_steps
 from events.model import Event, Status
 from events.sql import q
 
@@ -30,7 +30,6 @@ QUEUE_READ_S = 1.0  # a scrape answers without the queue's gauges rather than wa
 DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LAG_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-STEP_ENDS = frozenset({"completed", "failed"})
 
 
 def registry() -> CollectorRegistry:
@@ -90,9 +89,10 @@ class WorkerMetrics:
             self.claimed.inc(count)
             self.claim_batch.observe(count)
 
-    def ran(self, kind: str, seconds: float, status: Status | None, before: View, after: View) -> None:
+    def ran(self, kind: str, seconds: float, status: Status | None, before: View, after: View) -> str:
         """A run ended (not cancelled): `status` is the terminal status it wrote, if any;
-        `before` and `after` the task's view as claimed and as the run left it."""
+        `before` and `after` the task's view as claimed and as the run left it. Returns how
+        it ended (the `status` label)."""
         outcome = status.value if status is not None else after["status"]
         if outcome == Status.RUNNING.value:  # it wrote no end: its lease was lost
             outcome = "lost"
@@ -100,8 +100,9 @@ class WorkerMetrics:
         elif outcome == Status.RETRYING.value:
             self.retries.labels(kind).inc()
         self.task_seconds.labels(kind, outcome).observe(seconds)
-        for step_status in steps_ended(before, after):
-            self.steps.labels(kind, step_status).inc()
+        for step in ended_steps(before, after):
+            self.steps.labels(kind, step["status"]).inc()
+        return outcome
 
     async def render(self) -> bytes:
         """The text format, with the queue's gauges when PostgreSQL answers within QUEUE_READ_S."""
@@ -120,14 +121,6 @@ class WorkerMetrics:
             depth.add_metric([row["kind"]], row["queued"])
             age.add_metric([row["kind"]], row["oldest_s"])
         return [depth, age]
-
-
-def steps_ended(before: View, after: View) -> list[str]:
-    """The status of each step a run ended: each start raises a step's `attempt`, so a step
-    ended by this run is one whose (attempt, status) changed and is now an end."""
-    was = {s["name"]: (s["attempt"], s["status"]) for s in before["steps"]}
-    return [s["status"] for s in after["steps"]
-            if s["status"] in STEP_ENDS and was.get(s["name"]) != (s["attempt"], s["status"])]
 
 
 class RelayMetrics:

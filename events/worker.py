@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from events import db, deps
+from events import db, deps, tracing
 from events.aio import pause, raise_if_cancelling, wait_event
 from events.commit import Batcher
 from events.errors import TaskcastError, Unavailable
@@ -215,10 +215,13 @@ class Worker:
                 ran.append(ctx)
 
         started = time.monotonic()
-        status = await run_claim(self.log, claim, kind, worker=self.name,
-                                 lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
-                                 workspace_root=self.config.workspace_root, on_context=track)
-        self.metrics.ran(kind.name, time.monotonic() - started, status, claim.view, ran[0].view)
+        async with tracing.running(self.log.pool, claim.task, kind.name, claim.attempt) as traced:
+            status = await run_claim(self.log, claim, kind, worker=self.name,
+                                     lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
+                                     workspace_root=self.config.workspace_root, on_context=track)
+            outcome = self.metrics.ran(kind.name, time.monotonic() - started, status, claim.view,
+                                       ran[0].view)
+            traced.ended(outcome, claim.view, ran[0].view)
         if status is not None and status.terminal:
             try:
                 await self._releases.submit(claim.task)

@@ -19,7 +19,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from events import db
+from events import db, tracing
 from events.aio import pause, stop_tasks, wait_event
 from events.errors import Unavailable
 from events.ids import position, split
@@ -128,6 +128,7 @@ class Relay:
                 cursor = events[-1].position
                 self.published_events += len(events)
                 self.metrics.published(events, time.time())
+                await tracing.published(self.log.pool, events, time.time_ns())
                 last_publish = now
                 if len(events) == self.config.batch_events:
                     continue  # more are waiting: no sleep

@@ -212,3 +212,12 @@ SELECT j.kind, count(*) AS queued,
   FROM jobs AS j
  WHERE j.state = 'queued' AND j.run_at <= now()
  GROUP BY j.kind;
+
+-- name: remember_trace
+INSERT INTO task_traces (task_id, traceparent) VALUES ($1, $2) ON CONFLICT (task_id) DO NOTHING;
+
+-- name: traces
+SELECT t.task_id, t.traceparent FROM task_traces AS t WHERE t.task_id = ANY ($1::text[]);
+
+-- name: prune_traces
+DELETE FROM task_traces AS t WHERE t.created_at < now() - make_interval(secs => $1);

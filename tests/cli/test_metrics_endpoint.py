@@ -10,8 +10,6 @@ import h11
 import pytest
 
 from cli.metrics_endpoint import MAX_CONNECTIONS, MAX_HEAD_BYTES, MetricsEndpoint
-from cli.process import Process, Roles
-from server.settings import Settings
 from tests.scraping import get
 from tests.waiting import eventually_async
 
@@ -107,14 +105,3 @@ async def test_an_oversized_head_or_one_connection_too_many_is_closed_and_others
         for _, w in idle:
             w.close()
 
-
-async def test_a_metrics_port_in_use_stops_the_start_and_leaves_no_task(settings: Settings) -> None:
-    """A worker process whose metrics port is taken does not start, and stops all it had started."""
-    before = set(asyncio.all_tasks())
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        with pytest.raises(OSError):
-            await Process(settings.with_(worker_metrics_port=port), Roles(workers=1)).__aenter__()
-    assert set(asyncio.all_tasks()) - before == set()

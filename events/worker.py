@@ -214,8 +214,8 @@ class Worker:
                 self._contexts[claim.task] = ctx
                 ran.append(ctx)
 
-        started = time.monotonic()
         async with tracing.running(self.log.pool, claim.task, kind.name, claim.attempt) as traced:
+            started = time.monotonic()
             status = await run_claim(self.log, claim, kind, worker=self.name,
                                      lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
                                      workspace_root=self.config.workspace_root, on_context=track)

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -15,6 +13,7 @@ from events.ids import TaskId
 from events.log import CreateTask, EventLog
 from server.settings import Settings
 from tests.scraping import Families, scrape
+from tests.spawn import process_env, taskcast
 from tests.waiting import eventually_async, free_port
 
 DEMO = {"steps": 2, "step_ms": 1}
@@ -40,10 +39,8 @@ def run(settings: Settings) -> Iterator[Callable[..., int]]:
 
     def start(command: str, port_variable: str) -> int:
         port = free_port()
-        env = {**os.environ, "DATABASE_URL": settings.database_url, "REDIS_URL": settings.redis_url,
-               "TASKCAST_CHANNEL": settings.channel, "TASKCAST_WORKSPACE_ROOT": settings.workspace_root,
-               "TASKCAST_LOG": "WARNING", port_variable: str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "cli.main", command], env=env))
+        procs.append(taskcast(settings, command, env=process_env(
+            settings, TASKCAST_WORKSPACE_ROOT=settings.workspace_root, **{port_variable: str(port)})))
         return port
 
     yield start

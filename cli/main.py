@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("dev", "serve") and not _safe_to_serve(settings, settings.host, args.insecure):
         return 2
     if args.command == "dev":
+        _configure_tracing(args.command)
         workspace_root = settings.workspace_root or str((Path(args.data_dir) / "workspaces").resolve())
         return dev(settings.with_(workspace_root=workspace_root), Path(args.data_dir), settings.workers)
     if not settings.database_url or not settings.redis_url:
@@ -140,8 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         roles = Roles(workers=1)
     else:
         roles = Roles(relay=True)
+    _configure_tracing(args.command)
     _run(Process(settings, roles).run_until_signal())
     return 0
+
+
+def _configure_tracing(command: str) -> None:
+    """Tracing for a process that runs roles (not a supervisor, not `migrate`), when the
+    OpenTelemetry SDK is installed (events/tracing.py), by the standard OTEL_* variables."""
+    from events import tracing
+
+    tracing.configure(f"taskcast-{command}", os.environ)
 
 
 def _loopback(host: str) -> bool:

@@ -17,11 +17,13 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cli.metrics_endpoint import MetricsEndpoint, Render
 from events import db
 from events.aio import stop_tasks, where
 from events.kind import KindSpec, as_kind
 from events.kinds import builtin
 from events.log import EventLog
+from events.metrics import WorkerMetrics
 from events.relay.publisher import Relay
 from events.relay.waker import Waker
 from events.worker import Worker
@@ -61,10 +63,11 @@ class Roles:
 class Process:
     """The parts of one process. Use `async with Process(...)`, or `run()` until a signal.
 
-    Started in order: the pool, Redis, the waker, the relay, the workers, and last the node
-    (so nothing is accepted before the rest runs). Each part is registered on an exit stack
-    as soon as it has started, so a start that fails at any point (a port in use, say)
-    releases exactly what was started, in reverse order, and raises.
+    Started in order: the pool, Redis, the waker, the relay, the workers, their metrics
+    endpoints (`relay_metrics_port`, `worker_metrics_port`: the workers of a process share
+    one), and last the node (so nothing is accepted before the rest runs). Each part is
+    registered on an exit stack as soon as it has started, so a start that fails at any
+    point (a port in use, say) releases exactly what was started, in reverse order, and raises.
     """
 
     def __init__(self, settings: Settings, roles: Roles) -> None:
@@ -73,6 +76,7 @@ class Process:
         self.node: Node | None = None
         self.relay: Relay | None = None
         self.workers: list[Worker] = []
+        self.worker_metrics: WorkerMetrics | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stack: AsyncExitStack | None = None
 
@@ -91,13 +95,20 @@ class Process:
             if self.roles.relay:
                 self.relay = Relay(s.database_url, self.log, self.redis, s.relay_config())
                 self._start(self.relay.run(), "relay")
+            if self.roles.workers:
+                self.worker_metrics = WorkerMetrics(self.pool)
             for i in range(self.roles.workers):
-                worker = Worker(s.database_url, self.log, kinds, s.worker_config())
+                worker = Worker(s.database_url, self.log, kinds, s.worker_config(),
+                                metrics=self.worker_metrics)
                 self.workers.append(worker)
                 self._start(worker.run(), f"worker-{i}")
             # Last in, first out: at stop the workers drain before their loops are cancelled.
             stack.push_async_callback(self._stop_loops)
             stack.push_async_callback(self._drain_workers)
+            if self.relay is not None:
+                await self._serve_metrics(stack, self.relay.metrics.render, s.relay_metrics_port)
+            if self.worker_metrics is not None:
+                await self._serve_metrics(stack, self.worker_metrics.render, s.worker_metrics_port)
             if self.roles.serve:
                 node = Node(s, self.log, self.redis, kinds)
                 stack.push_async_callback(node.stop)
@@ -109,6 +120,12 @@ class Process:
             raise
         return self
 
+    async def _serve_metrics(self, stack: AsyncExitStack, render: Render, port: int) -> None:
+        if port:
+            endpoint = MetricsEndpoint(render, self.settings.host, port)
+            await endpoint.start()
+            stack.push_async_callback(endpoint.stop, self.settings.stop_timeout_s)
+
     def _start(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
@@ -117,12 +134,13 @@ class Process:
 
     async def stop(self) -> None:
         """Stop, in order, each stage time-boxed: the node (no new sockets, every socket
-        closed with 1001, request tasks cancelled); the workers drain (no new claims,
-        `drain_grace_s` for running tasks, the rest handed back to be resumed elsewhere at
-        once); the loops (relay, workers, waker) cancelled and awaited (an error one ended
-        with is logged, one still running is logged with where it waits); Redis closed; the
-        pool closed (terminated if a connection is not returned in time). Idempotent; the
-        whole stop takes at most about three times `stop_timeout_s` plus the drain grace."""
+        closed with 1001, request tasks cancelled); the metrics endpoints; the workers
+        drain (no new claims, `drain_grace_s` for running tasks, the rest handed back to be
+        resumed elsewhere at once); the loops (relay, workers, waker) cancelled and awaited
+        (an error one ended with is logged, one still running is logged with where it
+        waits); Redis closed; the pool closed (terminated if a connection is not returned in
+        time). Idempotent; the whole stop takes at most about five times `stop_timeout_s`
+        plus the drain grace."""
         await self._unwind()
         self.node = None
 

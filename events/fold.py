@@ -278,3 +278,12 @@ def minimal(view: View) -> View:
     out = {k: _cut(view[k], 200) for k in keep if k in view}
     out["truncated"] = True
     return out
+
+
+def ended_steps(before: View, after: View) -> list[dict[str, Any]]:
+    """The steps that ended (completed or failed) between two views of a task, such as a
+    run's claim and its end: each start raises a step's `attempt`, so a step ended in
+    between is one whose (attempt, status) changed and is now an end."""
+    was = {s["name"]: (s["attempt"], s["status"]) for s in before["steps"]}
+    return [s for s in after["steps"]
+            if s["status"] in ("completed", "failed") and was.get(s["name"]) != (s["attempt"], s["status"])]

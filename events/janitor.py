@@ -59,6 +59,8 @@ class Janitor:
             self._pruned_at = now
             while await self.log.prune(self.config.retention_s) == 1000:
                 pass
+            async with db.acquire(self.log.pool) as conn:
+                await conn.execute(q("prune_traces"), self.config.retention_s)
         return requeued
 
     async def _each(self, task: TaskId, what: str, work: Coroutine[Any, Any, None]) -> None:

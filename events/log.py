@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from events import db
+from events import db, tracing
 from events.bound import Bound, bound_on
 from events.clock import Clock, SystemClock, iso
 from events.commit import Create, GroupCommit, prepare, view_after
@@ -87,11 +87,12 @@ class EventLog:
         duplicate=True and writes nothing. Raises Unavailable when PostgreSQL is down.
         """
         task = task or new_task_id()
-        now = self.clock.now()
-        data = spec.data()
-        created = await self.committer.create(Create(
-            task, spec.kind, spec.scope, created_view(task, data, iso(now)), spec.priority, data,
-            now, None if spec.depends_on else JobChange.QUEUED, spec.mutex, principal, key))
+        async with tracing.creating(self.pool, task, spec.kind, spec.scope):
+            now = self.clock.now()
+            data = spec.data()
+            created = await self.committer.create(Create(
+                task, spec.kind, spec.scope, created_view(task, data, iso(now)), spec.priority, data,
+                now, None if spec.depends_on else JobChange.QUEUED, spec.mutex, principal, key))
         return Ack(created.task, created.status, created.position, created.duplicate)
 
     async def append(self, task: TaskId, view: View, events: Sequence[NewEvent], *,

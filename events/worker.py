@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from events import db, deps
+from events import db, deps, tracing
 from events.aio import pause, raise_if_cancelling, wait_event
 from events.commit import Batcher
 from events.errors import TaskcastError, Unavailable
@@ -34,6 +34,7 @@ from events.ids import TaskId
 from events.janitor import Janitor
 from events.kind import KindSpec
 from events.log import EventLog
+from events.metrics import WorkerMetrics
 from events.queue import Claim, Queue
 from events.runtime import RunContext, run_claim
 
@@ -61,7 +62,8 @@ class WorkerConfig:
 
 class Worker:
     def __init__(self, database_url: str, log_: EventLog, kinds: Mapping[str, KindSpec],
-                 config: WorkerConfig, *, name: str | None = None) -> None:
+                 config: WorkerConfig, *, name: str | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.database_url = database_url
         self.log = log_
         self.queue = Queue(log_.pool, on_append=log_.on_append)
@@ -76,6 +78,7 @@ class Worker:
         self._slot_free = asyncio.Event()
         self.listening = asyncio.Event()
         self.errors = 0  # failures a loop survived (logged with their item)
+        self.metrics = metrics or WorkerMetrics(log_.pool)  # one for all the workers of a process
         self.janitor = Janitor(log_, self.kinds, config, worker=self.name)
         # The dependents of the tasks that ended, looked up for many at once.
         self._releases: Batcher[TaskId, None] = Batcher(self._release, keys=lambda t: (t,),
@@ -174,6 +177,7 @@ class Worker:
                 log.exception("claim failed")
                 self.errors += 1
                 claims = []
+            self.metrics.claims(len(claims))
             if self.draining:  # claimed while the drain began: give them straight back
                 for claim in claims:
                     await self.queue.hand_back(claim.task, claim.fence)
@@ -183,6 +187,7 @@ class Worker:
                 self._running.add(task)
                 self._claims[task] = claim
                 task.add_done_callback(self._finished)
+                self.metrics.running.inc()
             if claims:
                 continue  # there may be more
             await wait_event(self._wake, self.config.poll_s)
@@ -200,15 +205,23 @@ class Worker:
             log.error("claimed %s of unknown kind %r", claim.task, claim.view.get("kind"))
             return
 
+        ran: list[RunContext] = []
+
         def track(ctx: RunContext | None) -> None:
             if ctx is None:
                 self._contexts.pop(claim.task, None)
             else:
                 self._contexts[claim.task] = ctx
+                ran.append(ctx)
 
-        status = await run_claim(self.log, claim, kind, worker=self.name,
-                                 lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
-                                 workspace_root=self.config.workspace_root, on_context=track)
+        async with tracing.running(self.log.pool, claim.task, kind.name, claim.attempt) as traced:
+            started = time.monotonic()
+            status = await run_claim(self.log, claim, kind, worker=self.name,
+                                     lease_s=self.config.lease_s, cancel_grace_s=self.config.cancel_grace_s,
+                                     workspace_root=self.config.workspace_root, on_context=track)
+            outcome = self.metrics.ran(kind.name, time.monotonic() - started, status, claim.view,
+                                       ran[0].view)
+            traced.ended(outcome, claim.view, ran[0].view)
         if status is not None and status.terminal:
             try:
                 await self._releases.submit(claim.task)
@@ -222,6 +235,7 @@ class Worker:
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self._claims.pop(task, None)
+        self.metrics.running.dec()
         self._slot_free.set()
         self._wake.set()  # a scope or mutex slot may have opened
         if not task.cancelled() and task.exception() is not None:

@@ -70,6 +70,9 @@ class Settings:
     reuse_port: bool = False
     # every process
     stop_timeout_s: float = 10.0  # each stage of a stop, beyond the drain grace
+    # GET /metrics of the relay and of the workers of a process, on `host` (0: not served)
+    relay_metrics_port: int = 0
+    worker_metrics_port: int = 0
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -113,7 +116,8 @@ def _json_depth(v: Any) -> bool:
     return bool(1 <= v <= ENCODABLE_DEPTH)
 
 
-_RULES: dict[str, Callable[[Any], bool]] = {"port": _port, "allowed_origins": _origin_list,
+_RULES: dict[str, Callable[[Any], bool]] = {"port": _port, "relay_metrics_port": _port,
+                                            "worker_metrics_port": _port, "allowed_origins": _origin_list,
                                             "scope_limit": _positive, "processes": _positive,
                                             "max_json_depth": _json_depth}
 _RULE_TEXT: dict[Callable[[Any], bool], str] = {

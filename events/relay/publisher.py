@@ -19,11 +19,12 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from events import db
+from events import db, tracing
 from events.aio import pause, stop_tasks, wait_event
 from events.errors import Unavailable
 from events.ids import position, split
 from events.log import EventLog
+from events.metrics import RelayMetrics
 from events.relay.batch import encode_batch
 from events.relay.follow import follow
 from events.relay.projector import Projector
@@ -54,6 +55,7 @@ class Relay:
         self.projector = Projector(log_)
         self.leading = asyncio.Event()
         self.published_events = 0
+        self.metrics = RelayMetrics(self)
 
     async def run(self) -> None:
         """Forever: wait for leadership, then publish until it is lost. Cancel to stop."""
@@ -125,6 +127,8 @@ class Relay:
                 await self._publish(encode_batch(cursor, updates, sent_at=time.time()))
                 cursor = events[-1].position
                 self.published_events += len(events)
+                self.metrics.published(events, time.time())
+                await tracing.published(self.log.pool, events, time.time_ns())
                 last_publish = now
                 if len(events) == self.config.batch_events:
                     continue  # more are waiting: no sleep
@@ -149,4 +153,5 @@ class Relay:
         try:
             await self.redis.publish(self.config.channel, message)
         except (RedisError, OSError) as exc:
+            self.metrics.publish_errors.inc()
             log.warning("relay cannot publish to Redis: %s", exc)

@@ -204,3 +204,20 @@ UPDATE jobs AS j
        run_at = now()
  WHERE j.task_id = $1 AND j.fence = $2 AND j.state = 'running'
 RETURNING j.task_id;
+
+-- name: queue_depth
+-- Jobs queued and due, by kind, and how long the oldest has waited (for /metrics).
+SELECT j.kind, count(*) AS queued,
+       extract(epoch FROM now() - min(j.run_at))::float8 AS oldest_s
+  FROM jobs AS j
+ WHERE j.state = 'queued' AND j.run_at <= now()
+ GROUP BY j.kind;
+
+-- name: remember_trace
+INSERT INTO task_traces (task_id, traceparent) VALUES ($1, $2) ON CONFLICT (task_id) DO NOTHING;
+
+-- name: traces
+SELECT t.task_id, t.traceparent FROM task_traces AS t WHERE t.task_id = ANY ($1::text[]);
+
+-- name: prune_traces
+DELETE FROM task_traces AS t WHERE t.created_at < now() - make_interval(secs => $1);

@@ -84,16 +84,19 @@ async def _connections(database_url: str) -> int:
         await conn.close()
 
 
-async def test_a_start_on_a_port_in_use_leaves_no_task_and_no_connection(settings: Settings) -> None:
-    """The port is taken: the start raises, and everything it had started (pool, Redis,
-    waker, relay, workers, the node's loops) is stopped again."""
+@pytest.mark.parametrize("setting", ["port", "relay_metrics_port", "worker_metrics_port"])
+async def test_a_start_on_a_port_in_use_leaves_no_task_and_no_connection(settings: Settings,
+                                                                         setting: str) -> None:
+    """The node's port, or a metrics port, is taken: the start raises, and everything it
+    had started (pool, Redis, waker, relay, workers, the node's loops) is stopped again."""
     before = set(asyncio.all_tasks())
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(OSError):
-            await Process(settings.with_(port=port), Roles(serve=True, relay=True, workers=2)).__aenter__()
+            await Process(settings.with_(**{setting: port}),
+                          Roles(serve=True, relay=True, workers=2)).__aenter__()
     assert set(asyncio.all_tasks()) - before == set()
 
     async def released() -> bool:

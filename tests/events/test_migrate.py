@@ -26,7 +26,7 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
     finally:
         await conn.close()
     assert tables == {"tasks", "events", "jobs", "command_keys", "relay_cursor", "retention",
-                      "task_dependencies", "taskcast_migrations"}
+                      "task_dependencies", "task_traces", "taskcast_migrations"}
     assert functions == {"taskcast_append_batch", "taskcast_create_batch", "taskcast_claim",
                          "taskcast_remember_key", "taskcast_announce", "taskcast_events_announced",
                          "taskcast_writers", "taskcast_used_keys"}

@@ -31,6 +31,8 @@ def test_defaults_come_from_the_code_they_configure() -> None:
     ({"TASKCAST_RATE_PER_S": "fast"}, "TASKCAST_RATE_PER_S"),
     ({"TASKCAST_LEASE_S": "0"}, "TASKCAST_LEASE_S"),
     ({"TASKCAST_PORT": "70000"}, "TASKCAST_PORT"),
+    ({"TASKCAST_WORKER_METRICS_PORT": "-1"}, "TASKCAST_WORKER_METRICS_PORT"),
+    ({"TASKCAST_RELAY_METRICS_PORT": "70000"}, "TASKCAST_RELAY_METRICS_PORT"),
     ({"TASKCAST_MAX_JSON_DEPTH": "-1"}, "TASKCAST_MAX_JSON_DEPTH"),
     ({"TASKCAST_MAX_JSON_DEPTH": "255"}, "TASKCAST_MAX_JSON_DEPTH"),  # deeper than orjson encodes
     ({"TASKCAST_ALLOWED_ORIGINS": "evil.example"}, "TASKCAST_ALLOWED_ORIGINS"),

@@ -147,7 +147,7 @@ async def test_cancel_and_retry_by_clicking_and_the_screenshots(taskcast: Proces
 
     tab = await tabs(_base(taskcast))
     await tab.open(f"#/task/{long_task}")
-    await tab.step("step_2", "running")
+    await tab.page.wait_for_selector('.timeline li[data-status="running"]')  # some step of 50 runs
     await tab.shot("task-running-1280")
     await tab.page.click('button[data-action="cancel"]')
     await tab.status("cancelled")

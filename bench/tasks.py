@@ -45,7 +45,7 @@ from subprocs import (
 from events import db
 from events.aio import wait_event
 from events.log import CreateTask, EventLog
-from events.relay.waker import wake_channel
+from events.relay.bus import wake_channel
 
 IDLE_TASKS = 200
 IDLE_WARMUP = 10

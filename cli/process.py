@@ -14,7 +14,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from cli.metrics_endpoint import MetricsEndpoint, Render
@@ -24,6 +23,7 @@ from events.kind import KindSpec, as_kind
 from events.kinds import builtin
 from events.log import EventLog
 from events.metrics import WorkerMetrics
+from events.relay.bus import connect
 from events.relay.publisher import Relay
 from events.relay.waker import Waker
 from events.worker import Worker
@@ -87,7 +87,7 @@ class Process:
         try:
             self.pool = await db.create_pool(s.database_url, min_size=1, max_size=20)
             stack.push_async_callback(self._close_pool)
-            self.redis = Redis.from_url(s.redis_url)
+            self.redis = connect(s.redis_url)
             stack.push_async_callback(self._close_redis)
             self.waker = Waker(self.redis, s.channel)
             self._start(self.waker.run(), "waker")

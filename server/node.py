@@ -7,7 +7,6 @@ import logging
 import time
 from collections.abc import Mapping
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events.aio import pause, stop_tasks, wait_event
@@ -15,6 +14,7 @@ from events.bound import Bound
 from events.errors import TaskcastError
 from events.kind import KindSpec
 from events.log import EventLog
+from events.relay.bus import Client
 from server.fanout.receiver import Fanout
 from server.handlers.commands import handlers
 from server.protocol.session import SessionState
@@ -34,7 +34,7 @@ class Node:
     """A gateway node: composes the parts (services, fan-out, HTTP, the listener) and runs
     their loops. Nothing imports it: each part sees only `Services`."""
 
-    def __init__(self, settings: Settings, log_: EventLog, redis: Redis,
+    def __init__(self, settings: Settings, log_: EventLog, redis: Client,
                  kinds: Mapping[str, KindSpec]) -> None:
         self.services = services = Services(settings, log_, kinds, handlers())
         self.redis = redis

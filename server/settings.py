@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from events.relay.bus import check_url
 from events.relay.publisher import RelayConfig
 from events.worker import WorkerConfig
 from server.protocol.frames import DEFAULT_LIMITS, ENCODABLE_DEPTH, FrameLimits
@@ -97,6 +98,11 @@ class Settings:
             rule = _RULES.get(f.name, _positive if numeric else None)
             if rule is not None and value is not None and not rule(value):
                 raise SettingsError(f"{env_name(f.name)}={value!r}: {_RULE_TEXT[rule]}")
+        if self.redis_url:
+            try:
+                check_url(self.redis_url)
+            except ValueError as exc:
+                raise SettingsError(f"{env_name('redis_url')}: {exc}") from None
         return self
 
 

@@ -10,10 +10,16 @@ prefixing `{"type":"update","channel":"<C>"` and never decodes or re-encodes an 
 `prev` names the position the previous message ended at: a node whose own head differs has
 missed something and fills the gap from the log (invariant 1). A message without events is
 the relay's heartbeat: its `head` lets a node notice a lost *last* message.
+
+With partitions (a Redis Cluster, events/relay/bus.py) each relay batch becomes one message
+per partition, `encode_parts`: the same `prev` and `head`, and that partition's events
+only. `prev` chains each partition's messages, and an empty part still says "this
+partition has nothing else up to `head`".
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -79,6 +85,22 @@ def encode_batch(prev: Position, updates: Sequence[Update], head: Position | Non
               "events": [[encode(u.position), u.task, u.scope, u.version, len(u.blob)]
                          for u in updates]}
     return b"".join([orjson.dumps(header), b"\n", *(u.blob for u in updates)])
+
+
+def partition_of(scope: str, partitions: int) -> int:
+    """The partition of a scope's events: stable across processes and versions (not `hash()`)."""
+    return zlib.crc32(scope.encode()) % partitions
+
+
+def encode_parts(prev: Position, updates: Sequence[Update], head: Position, partitions: int,
+                 sent_at: float = 0.0) -> list[bytes]:
+    """The messages of one relay batch, one per partition (see the module docstring)."""
+    if partitions == 1 or not updates:
+        return [encode_batch(prev, updates, head, sent_at)] * partitions
+    parts: list[list[Update]] = [[] for _ in range(partitions)]
+    for u in updates:
+        parts[partition_of(u.scope, partitions)].append(u)
+    return [encode_batch(prev, part, head, sent_at) for part in parts]
 
 
 def decode_batch(message: bytes) -> Batch:

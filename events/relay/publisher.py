@@ -4,7 +4,8 @@ One relay leads at a time: leadership is a session-level advisory lock held on a
 connection, so it is released the moment that connection dies, and a standby (polling the
 lock every `standby_poll_s`) takes over. Messages are chained (`prev`), and the relay
 publishes its head at least every `heartbeat_s`, so a node notices any lost message,
-the last one included (invariant 1). Re-publishing after a takeover is harmless: nodes
+the last one included (invariant 1). On a Redis Cluster each batch and heartbeat is one
+message per partition (events/relay/bus.py). Re-publishing after a takeover is harmless: nodes
 drop positions they have already delivered.
 """
 
@@ -16,7 +17,6 @@ import time
 from dataclasses import dataclass
 
 import asyncpg
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events import db, tracing
@@ -25,10 +25,9 @@ from events.errors import Unavailable
 from events.ids import position, split
 from events.log import EventLog
 from events.metrics import RelayMetrics
-from events.relay.batch import encode_batch
-from events.relay.follow import follow
+from events.relay.batch import encode_parts
+from events.relay.bus import Client, bus_for
 from events.relay.projector import Projector
-from events.relay.waker import wake_channel
 from events.sql import q
 
 log = logging.getLogger("taskcast.relay")
@@ -47,10 +46,10 @@ class RelayConfig:
 
 
 class Relay:
-    def __init__(self, database_url: str, log_: EventLog, redis: Redis, config: RelayConfig) -> None:
+    def __init__(self, database_url: str, log_: EventLog, redis: Client, config: RelayConfig) -> None:
         self.database_url = database_url
         self.log = log_
-        self.redis = redis
+        self.bus = bus_for(redis, config.channel)
         self.config = config
         self.projector = Projector(log_)
         self.leading = asyncio.Event()
@@ -96,7 +95,7 @@ class Relay:
         async def woken(_: bytes) -> None:
             wake.set()
 
-        await follow(self.redis, wake_channel(self.config.channel), woken)
+        await self.bus.follow_hints(woken)
 
     async def _publish_loop(self, conn: asyncpg.Connection, wake: asyncio.Event) -> None:
         row = await conn.fetchrow(q("relay_cursor"))
@@ -124,8 +123,9 @@ class Relay:
                 misses += 1
             if events:
                 updates = await self.projector.updates(events)
-                await self._publish(encode_batch(cursor, updates, sent_at=time.time()))
-                cursor = events[-1].position
+                head = events[-1].position
+                await self._publish(encode_parts(cursor, updates, head, self.bus.partitions, time.time()))
+                cursor = head
                 self.published_events += len(events)
                 self.metrics.published(events, time.time())
                 await tracing.published(self.log.pool, events, time.time_ns())
@@ -133,7 +133,7 @@ class Relay:
                 if len(events) == self.config.batch_events:
                     continue  # more are waiting: no sleep
             elif now - last_publish >= self.config.heartbeat_s:
-                await self._publish(encode_batch(cursor, [], sent_at=time.time()))
+                await self._publish(encode_parts(cursor, [], cursor, self.bus.partitions, time.time()))
                 last_publish = now
             if cursor != saved and now - last_save >= self.config.save_every_s:
                 await conn.execute(q("save_relay_cursor"), *split(cursor))
@@ -147,11 +147,11 @@ class Relay:
             notified = await wait_event(wake, max(timeout, 0.001))
         raise Unavailable("the relay's leadership connection closed")
 
-    async def _publish(self, message: bytes) -> None:
-        # Redis is only the fast path: when it is down the relay keeps going, and nodes
-        # fill what they missed from the log once messages flow again.
+    async def _publish(self, messages: list[bytes]) -> None:
+        # Redis is only the fast path: when it (or one shard of it) is down the relay keeps
+        # going, and nodes fill what they missed from the log.
         try:
-            await self.redis.publish(self.config.channel, message)
-        except (RedisError, OSError) as exc:
+            await self.bus.publish(messages)
+        except (RedisError, OSError, TimeoutError) as exc:
             self.metrics.publish_errors.inc()
             log.warning("relay cannot publish to Redis: %s", exc)

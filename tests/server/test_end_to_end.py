@@ -7,10 +7,11 @@ from typing import Any
 from cli.process import Process
 from events.fold import compact
 from events.ids import TaskId
-from tests.conftest import ws_url
+from tests.conftest import on_both_engines, ws_url
 from tests.wsclient import Client
 
 
+@on_both_engines
 async def test_create_and_watch_a_demo_task(taskcast: Process) -> None:
     """create (subscribe) acks with a task id, then every version 1..N streams in order, ending
     in task.completed, and the stored projection (compacted) equals the last update's view."""

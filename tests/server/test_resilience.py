@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from cli.embedded import EmbeddedPostgres, restart_postgres, stop_postgres
 from cli.process import Process, Roles
 from server.settings import Settings
-from tests.conftest import Launch, ws_url
+from tests.conftest import Launch, on_both_engines, ws_url
 from tests.waiting import eventually_async
 from tests.wsclient import Client
 
@@ -29,6 +29,7 @@ def _versions(updates: list[dict[str, Any]]) -> dict[str, list[int]]:
     return by_task
 
 
+@on_both_engines
 async def test_a_client_resumes_with_its_last_position_and_misses_nothing(taskcast: Process) -> None:
     """Disconnect mid-task, re-subscribe with the last position: exactly the missed events,
     then live ones, none twice."""
@@ -54,6 +55,7 @@ async def test_a_client_resumes_with_its_last_position_and_misses_nothing(taskca
     assert versions == list(range(1, len(versions) + 1))
 
 
+@on_both_engines
 async def test_a_snapshot_racing_updates_loses_none_and_repeats_none(taskcast: Process) -> None:
     """Subscribing with a snapshot while 8 tasks update fast: for each task, the live versions
     continue the snapshot's exactly."""

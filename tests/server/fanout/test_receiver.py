@@ -3,53 +3,66 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis
 
 from cli.embedded import restart_valkey, start_valkey, stop_valkey
 from cli.process import Process, Roles
 from events.ids import TaskId
 from events.log import EventLog
+from events.relay.bus import bus_for, connect
 from events.relay.publisher import Relay, RelayConfig
 from events.relay.waker import Waker
 from server.settings import Settings
-from tests.conftest import ws_url
+from tests.conftest import on_both_engines, ws_url
 from tests.waiting import eventually_async
 from tests.wsclient import Client, Versions
 
 
-async def _lossy_proxy(redis_url: str, source: str, target: str, drop_every: int,
-                       ready: asyncio.Event) -> None:
-    """Forward relay messages from `source` to `target`, dropping every `drop_every`-th one
-    that carries events (heartbeats all pass)."""
-    redis = Redis.from_url(redis_url)
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(source)
-    ready.set()
-    n = 0
+async def _forward(settings: Settings, target: str, keep: Callable[[int, bytes], bool]) -> None:
+    """Forward the relay's messages on every partition of `settings.channel` to the same
+    partition of `target`, the ones `keep(partition, message)` keeps."""
+    redis = connect(settings.redis_url)
+    source, sink = bus_for(redis, settings.channel), bus_for(redis, target)
+
+    def forwarder(partition: int) -> Callable[[bytes], Awaitable[None]]:
+        async def forward(message: bytes) -> None:
+            if keep(partition, message):
+                await sink.send(partition, message)
+        return forward
+
     try:
-        async for message in pubsub.listen():
-            if b'"events":[]' not in message["data"]:
-                n += 1
-                if n % drop_every == 0:
-                    continue
-            await redis.publish(target, message["data"])
+        async with asyncio.TaskGroup() as group:
+            for p in range(source.partitions):
+                group.create_task(source.follow_partition(p, forwarder(p)))
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
         await redis.aclose()
+
+
+def _dropping_every(n: int) -> Callable[[int, bytes], bool]:
+    """Drops every n-th message carrying events, per partition (heartbeats all pass)."""
+    counts: dict[int, int] = {}
+
+    def keep(partition: int, message: bytes) -> bool:
+        if b'"events":[]' in message:
+            return True
+        counts[partition] = counts.get(partition, 0) + 1
+        return counts[partition] % n != 0
+
+    return keep
+
+
+def _heartbeats_only(partition: int, message: bytes) -> bool:
+    return b'"events":[]' in message
 
 
 @pytest.fixture
 async def lossy(settings: Settings) -> AsyncIterator[Process]:
     """A node behind a Redis hop that loses every second relay message carrying events."""
     node_settings = settings.with_(channel=settings.channel + ":lossy")
-    ready = asyncio.Event()
-    proxy = asyncio.create_task(_lossy_proxy(settings.redis_url, settings.channel,
-                                             node_settings.channel, 2, ready))
-    await ready.wait()
+    proxy = asyncio.create_task(_forward(settings, node_settings.channel, _dropping_every(2)))
     async with Process(node_settings, Roles(serve=True, workers=2)) as process:
         relay = Relay(settings.database_url, process.log, process.redis,
                       RelayConfig(channel=settings.channel))
@@ -64,6 +77,7 @@ async def lossy(settings: Settings) -> AsyncIterator[Process]:
             await asyncio.gather(*loops, proxy, return_exceptions=True)
 
 
+@on_both_engines
 async def test_subscribers_get_every_version_in_order_when_redis_drops_messages(lossy: Process) -> None:
     """With half of the relay's messages lost, every subscriber still receives every
     version of every task, in order, once."""
@@ -84,6 +98,7 @@ async def test_subscribers_get_every_version_in_order_when_redis_drops_messages(
     await client.close()
 
 
+@on_both_engines
 async def test_a_lost_last_message_is_noticed_by_the_relay_heartbeat(settings: Settings,
                                                                      event_log: EventLog) -> None:
     """When the last message before a quiet spell is lost, the relay's heartbeat names a head
@@ -99,7 +114,7 @@ async def test_a_lost_last_message_is_noticed_by_the_relay_heartbeat(settings: S
         relay = Relay(settings.database_url, event_log, process.redis,
                       RelayConfig(channel=settings.channel, heartbeat_s=0.2))
         relaying = asyncio.create_task(relay.run())
-        forward = asyncio.create_task(_forward_heartbeats(settings, node_settings.channel))
+        forward = asyncio.create_task(_forward(settings, node_settings.channel, _heartbeats_only))
         try:
             update = await client.until(lambda f: f["type"] == "update", within=10)
             assert update["event"]["version"] == 1 and update["event"]["task"] == ack["task"]
@@ -109,19 +124,6 @@ async def test_a_lost_last_message_is_noticed_by_the_relay_heartbeat(settings: S
                 task.cancel()
             await asyncio.gather(relaying, forward, return_exceptions=True)
             await client.close()
-
-
-async def _forward_heartbeats(settings: Settings, target: str) -> None:
-    redis = Redis.from_url(settings.redis_url)
-    pubsub = redis.pubsub(ignore_subscribe_messages=True)
-    await pubsub.subscribe(settings.channel)
-    try:
-        async for message in pubsub.listen():
-            if b'"events":[]' in message["data"]:
-                await redis.publish(target, message["data"])
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
-        await redis.aclose()
 
 
 async def test_a_redis_restart_mid_stream_loses_nothing(settings: Settings, tmp_path: Path) -> None:

@@ -155,14 +155,19 @@ def _tags(partitions: int) -> list[str]:
 _TAGS = _tags(PARTITIONS)
 
 
+def shard_channel(channel: str, partition: int) -> str:
+    """Partition `partition`'s shard channel. The tag comes first: the first {...} of a name
+    is its hash tag, whatever `channel` holds."""
+    return f"{{{_TAGS[partition]}}}{channel}"
+
+
 class ClusterBus:
     partitions = PARTITIONS
 
     def __init__(self, cluster: RedisCluster, channel: str) -> None:
         self.cluster = cluster
-        # The tag comes first: the first {...} of a name is its hash tag, whatever `channel` holds.
-        self.channels = [f"{{{tag}}}{channel}" for tag in _TAGS]
-        self.hints = f"{{{_TAGS[0]}}}{wake_channel(channel)}"
+        self.channels = [shard_channel(channel, p) for p in range(PARTITIONS)]
+        self.hints = shard_channel(wake_channel(channel), 0)
 
     async def publish(self, messages: Sequence[bytes]) -> None:
         async with asyncio.timeout(PUBLISH_TIMEOUT_S):

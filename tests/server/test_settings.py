@@ -38,6 +38,9 @@ def test_defaults_come_from_the_code_they_configure() -> None:
     ({"TASKCAST_ALLOWED_ORIGINS": "evil.example"}, "TASKCAST_ALLOWED_ORIGINS"),
     ({"TASKCAST_PROCESSES": "0"}, "TASKCAST_PROCESSES"),
     ({"TASKCAST_REUSE_PORT": "maybe"}, "TASKCAST_REUSE_PORT"),
+    ({"REDIS_URL": "http://127.0.0.1:6379"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis+cluster://127.0.0.1"}, "REDIS_URL"),  # no port
+    ({"REDIS_URL": "redis+cluster://127.0.0.1:7000/3"}, "REDIS_URL"),  # a cluster has database 0 only
 ])
 def test_a_bad_value_is_refused_naming_its_variable(env: dict[str, str], variable: str) -> None:
     """A value no process could run with stops the start with the variable's name."""

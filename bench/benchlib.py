@@ -5,20 +5,23 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import tempfile
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from redis.asyncio import Redis
 
+from cli.embedded.cluster import start_cluster, stop_cluster
 from events.fold import View
 from events.ids import TaskId
 from events.log import CreateTask, EventLog
 from events.migrate import migrate
 from events.model import EventType, NewEvent
+from events.relay.bus import Client
 from events.relay.waker import Waker
 
 ADMIN_URL = os.environ.get("TASKCAST_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -30,6 +33,24 @@ CYCLE = 10  # step.started, 8 x step.progress, step.completed
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+
+
+REDIS_CLUSTER = "a Redis Cluster (3 masters + 3 replicas, sharded pub/sub)"  # what redis_server starts
+
+
+@contextmanager
+def redis_server(cluster: bool) -> Iterator[str]:
+    """REDIS_URL; with `cluster`, the URL of an embedded Redis Cluster (three masters with a
+    replica each, cli/embedded/cluster.py) started for the script and stopped at its end."""
+    if not cluster:
+        yield REDIS_URL
+        return
+    with tempfile.TemporaryDirectory(prefix="taskcast-bench-cluster-") as root:
+        started = start_cluster(Path(root))
+        try:
+            yield started.url
+        finally:
+            stop_cluster(started)
 
 
 @asynccontextmanager
@@ -125,7 +146,7 @@ def latency_line(seconds: Sequence[float]) -> str:
             f"p99 {percentile(ms, 99):.2f} ms  max {ms[-1]:.2f} ms  min {ms[0]:.2f} ms  (n={len(ms)})")
 
 
-def start_waker(redis: Redis, channel: str) -> Waker:
+def start_waker(redis: Client, channel: str) -> Waker:
     """A Waker whose loop runs until the benchmark's event loop ends: what a taskcast
     process gives its EventLog, so the relay hears of this process's appends at once."""
     waker = Waker(redis, channel)

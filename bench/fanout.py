@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import psutil
 import uvloop
-from benchlib import REDIS_URL, scratch_database, unique
+from benchlib import REDIS_CLUSTER, redis_server, scratch_database, unique
 from rawws import SubscriberProcess
 from subprocs import (
     Background,
@@ -117,20 +117,22 @@ async def one_round(log: EventLog, tasks: list[FanTask], subs: SubscriberProcess
     return results["done_at"] - started, appended, results  # type: ignore[operator]
 
 
-async def main(subscribers: int, events: int, runs: int, processes: list[int]) -> None:
+async def main(subscribers: int, events: int, runs: int, processes: list[int], cluster: bool) -> None:
     cancel_on_sigterm()
     raise_nofile()
-    figures = [await measure(subscribers, events, runs, count) for count in processes]
+    with redis_server(cluster) as redis_url:
+        figures = [await measure(subscribers, events, runs, count, redis_url, cluster) for count in processes]
     if len(figures) > 1:
         print(f"fan-out with --processes {processes[-1]} / --processes {processes[0]}, same run: "
               f"{figures[-1] / figures[0]:.2f}x")
 
 
-async def measure(subscribers: int, events: int, runs: int, processes: int) -> float:
+async def measure(subscribers: int, events: int, runs: int, processes: int, redis_url: str,
+                  cluster: bool) -> float:
     """One configuration's rounds, printed; its median deliveries/s."""
     deadline = time.monotonic() + BUDGET_S
     async with asyncio.timeout(BUDGET_S), scratch_database("fanout") as url, \
-            Children(url, REDIS_URL, unique("taskcast:bench:fanout")) as children:
+            Children(url, redis_url, unique("taskcast:bench:fanout")) as children:
         relay = children.start("relay")
         node, port = await children.serve(ready=True, processes=processes)
         pool = await db.create_pool(url, min_size=WRITERS, max_size=WRITERS)
@@ -170,7 +172,8 @@ async def measure(subscribers: int, events: int, runs: int, processes: int) -> f
           f"{events:,} events per round "
           f"({BATCH} per transaction, {TASKS} tasks, {WRITERS} writers) = {deliveries:,} deliveries; "
           f"update frames ~{frame_bytes:.0f} bytes; median of {len(rounds)} rounds after a "
-          f"{WARMUP_EVENTS}-event warm-up; uvloop; {psutil.cpu_count()} CPUs")
+          f"{WARMUP_EVENTS}-event warm-up; uvloop; {psutil.cpu_count()} CPUs; through "
+          f"{REDIS_CLUSTER if cluster else 'one Redis'}")
     print(f"  {deliveries / took:,.0f} deliveries/s  ({events / took:,.0f} events/s to {subscribers:,} "
           f"sockets; first append -> last frame on the last socket {took * 1000:.0f} ms; "
           f"appends took {appended * 1000:.0f} ms)")
@@ -194,5 +197,8 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=EVENTS)
     parser.add_argument("--runs", type=int, default=RUNS)
     parser.add_argument("--processes", default="1", help="node processes, e.g. 1,2 (each measured in turn)")
+    parser.add_argument("--redis-cluster", action="store_true",
+                        help="through an embedded Redis Cluster instead of TASKCAST_BENCH_REDIS_URL")
     args = parser.parse_args()
-    uvloop.run(main(args.subscribers, args.events, args.runs, [int(p) for p in args.processes.split(",")]))
+    uvloop.run(main(args.subscribers, args.events, args.runs, [int(p) for p in args.processes.split(",")],
+                    args.redis_cluster))

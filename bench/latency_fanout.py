@@ -33,17 +33,17 @@ from typing import Any
 import psutil
 import uvloop
 from benchlib import (
-    REDIS_URL,
+    REDIS_CLUSTER,
     app_database,
     foreign_transaction,
     percentile,
+    redis_server,
     scratch_database,
     start_waker,
     unique,
 )
 from fanout import FanTask, running_tasks
 from rawws import SubscriberProcess
-from redis.asyncio import Redis
 from subprocs import (
     Background,
     Children,
@@ -58,6 +58,7 @@ from subprocs import (
 from events import db
 from events.log import EventLog
 from events.relay.batch import decode_batch
+from events.relay.bus import Client, bus_for, connect
 
 SCOPE = "lat"
 SUBSCRIBERS = 1000
@@ -97,17 +98,19 @@ async def paced(log: EventLog, tasks: list[FanTask], count: int, interval: float
     return out
 
 
-async def tap(redis: Redis, channel: str, seen: dict[tuple[str, int], float], ready: asyncio.Event) -> None:
-    """Note when each event's relay message reaches a Redis subscriber (as the node's does)."""
-    async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-        await pubsub.subscribe(channel)
-        ready.set()
-        while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None and message["type"] == "message":
-                now = time.monotonic()
-                for u in decode_batch(message["data"]).updates:
-                    seen.setdefault((u.task, u.version), now)
+async def tap(redis: Client, channel: str, seen: dict[tuple[str, int], float]) -> None:
+    """Note when each event's relay message reaches a Redis subscriber (as the node's do, one
+    per partition on a Redis Cluster); subscribed well before the warm-up ends."""
+    bus = bus_for(redis, channel)
+
+    async def note(message: bytes) -> None:
+        now = time.monotonic()
+        for u in decode_batch(message).updates:
+            seen.setdefault((u.task, u.version), now)
+
+    async with asyncio.TaskGroup() as group:
+        for p in range(bus.partitions):
+            group.create_task(bus.follow_partition(p, note))
 
 
 @contextlib.asynccontextmanager
@@ -169,24 +172,28 @@ class Phase:
     load: str = ""
 
 
-async def main(subscribers: int, rate: int, duration: float, processes: int) -> None:
+async def main(subscribers: int, rate: int, duration: float, processes: int, cluster: bool) -> None:
     cancel_on_sigterm()
     raise_nofile()
+    with redis_server(cluster) as redis_url:
+        await measure(subscribers, rate, duration, processes, redis_url, cluster)
+
+
+async def measure(subscribers: int, rate: int, duration: float, processes: int, redis_url: str,
+                  cluster: bool) -> None:
     count = int(rate * duration)
     warmup = int(rate * WARMUP_S)
     channel = unique("taskcast:bench:latfan")
     published: dict[tuple[str, int], float] = {}
     async with asyncio.timeout(BUDGET_S), scratch_database("latfan") as url, app_database("latfan") as app, \
-            scratch_database("busy") as busy, Children(url, REDIS_URL, channel) as children, \
-            Redis.from_url(REDIS_URL) as redis:
+            scratch_database("busy") as busy, Children(url, redis_url, channel) as children:
+        redis = connect(redis_url)
         phases = [Phase("quiet", None),
                   Phase(f"a foreign write transaction open {duration:.0f} s, same database", url),
                   Phase(f"a foreign write transaction open {duration:.0f} s, another database", app),
                   Phase(f"both: that and another client appending {BUSY_PER_S:,}/s to another "
                         f"taskcast database", url, busy)]
-        tapped = asyncio.Event()
-        tapping = asyncio.create_task(tap(redis, channel, published, tapped))
-        await asyncio.wait_for(tapped.wait(), 10)
+        tapping = asyncio.create_task(tap(redis, channel, published))
         relay = children.start("relay")
         node, port = await children.serve(ready=True, processes=processes)
         pool = await db.create_pool(url, min_size=2, max_size=2)
@@ -225,12 +232,14 @@ async def main(subscribers: int, rate: int, duration: float, processes: int) -> 
             tapping.cancel()
             await asyncio.gather(tapping, return_exceptions=True)
             await pool.close()
+            await redis.aclose()
 
     print(f"commit -> socket latency: {count:,} events at {rate}/s for {duration:.0f} s per phase, one "
           f"per transaction over {TASKS} tasks, to {subscribers:,} raw websocket subscribers of "
           f"scope:{SCOPE} on `taskcast serve --processes {processes}` (+ `taskcast relay`, "
           f"subprocesses), after a "
-          f"{WARMUP_S:.0f} s warm-up; uvloop; phases in one run")
+          f"{WARMUP_S:.0f} s warm-up; uvloop; phases in one run; through "
+          f"{REDIS_CLUSTER if cluster else 'one Redis'}")
     lows = {}
     for i, phase in enumerate(phases):
         lows[phase.name] = report(i, phase, published, count, m)
@@ -311,5 +320,7 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=int, default=RATE_PER_S, help="events per second")
     parser.add_argument("--duration", type=float, default=DURATION_S, help="seconds")
     parser.add_argument("--processes", type=int, default=1, help="node processes of `taskcast serve`")
+    parser.add_argument("--redis-cluster", action="store_true",
+                        help="through an embedded Redis Cluster instead of TASKCAST_BENCH_REDIS_URL")
     args = parser.parse_args()
-    uvloop.run(main(args.subscribers, args.rate, args.duration, args.processes))
+    uvloop.run(main(args.subscribers, args.rate, args.duration, args.processes, args.redis_cluster))

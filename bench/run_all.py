@@ -8,7 +8,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("append.py", "relay_latency.py", "ack_latency.py", "idle_memory.py", "fanout.py",
-           "latency_fanout.py", "tasks.py", "start_latency.py", "drain.py", "read_bound.py")
+           "fanout.py --redis-cluster", "latency_fanout.py", "latency_fanout.py --redis-cluster",
+           "tasks.py", "start_latency.py", "drain.py", "read_bound.py")
 TIMEOUT_S = 120  # each script stops itself within 90 s; this only catches a hang
 LONGER_S = {"drain.py": 270}  # drain.py stops itself within 240 s
 STOP_GRACE_S = 20
@@ -18,7 +19,8 @@ def main() -> int:
     failed = []
     for script in SCRIPTS:
         print(f"== {script}", flush=True)
-        proc = subprocess.Popen([sys.executable, str(HERE / script)])
+        name, *args = script.split()
+        proc = subprocess.Popen([sys.executable, str(HERE / name), *args])
         try:
             code = proc.wait(LONGER_S.get(script, TIMEOUT_S))
         except subprocess.TimeoutExpired:

@@ -58,11 +58,12 @@ def cluster_nodes(url: str) -> tuple[str | None, str | None, list[tuple[str, int
         return None
     rest = url[len(CLUSTER_SCHEME):]
     userinfo, _, hosts = rest.rpartition("@")
-    if "/" in hosts.rstrip("/").removesuffix("/0") or "?" in hosts or "#" in hosts:
+    hosts = hosts.rstrip("/").removesuffix("/0")
+    if any(c in hosts for c in "/?#"):
         raise ValueError("a cluster URL has no database, path or options (database 0 only)")
     user, _, password = userinfo.partition(":")
     nodes = []
-    for part in hosts.rstrip("/").removesuffix("/0").split(","):
+    for part in hosts.split(","):
         host, sep, port = part.strip().rpartition(":")
         host = host.removeprefix("[").removesuffix("]")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -195,8 +196,8 @@ class ClusterBus:
         """SSUBSCRIBE `channel` on the master that owns its slot now: the slots are read
         again at each (re)subscription, so after a failover it is the promoted replica."""
         try:
-            await self.cluster.initialize()
-            await self.cluster.nodes_manager.initialize()
+            await self.cluster.initialize()  # once: the client's first connection
+            await self.cluster.nodes_manager.initialize()  # every time: the slots as they are now
             node = self.cluster.get_node_from_key(channel)
         except RedisClusterException as exc:  # not a RedisError: follow would not retry it
             raise RedisError(f"cannot find the master of {channel}: {exc}") from exc

@@ -53,7 +53,7 @@ class Fanout:
 
     def _consumer(self, partition: int) -> Handle:
         async def consume(message: bytes) -> None:
-            await self.consume(message, partition)
+            await self.consume(partition, message)
         return consume
 
     async def _initial_head(self) -> Position:
@@ -64,7 +64,7 @@ class Fanout:
                 log.warning("waiting for PostgreSQL: %s", exc)
                 await pause(1.0)
 
-    async def consume(self, message: bytes, partition: int = 0) -> None:
+    async def consume(self, partition: int, message: bytes) -> None:
         """Route one relay message, filling any gap before it from the log. A message that
         fails is that message's problem (invariant 9): logged and counted; what it carried
         is repaired from the log when the next message shows the gap."""

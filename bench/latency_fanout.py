@@ -244,6 +244,7 @@ async def measure(subscribers: int, rate: int, duration: float, processes: int, 
     for i, phase in enumerate(phases):
         lows[phase.name] = report(i, phase, published, count, m)
     quiet = lows[phases[0].name]
+    print(f"  gaps the node filled from the log: {m.get('taskcast_gaps_filled_total', 0):.0f}")
     print("  delta against quiet (lower bound, every (event, socket)):")
     for phase in phases[1:]:
         low = lows[phase.name]

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 from urllib.parse import unquote
 
@@ -171,33 +172,39 @@ class ClusterBus:
         self.hints = shard_channel(wake_channel(channel), 0)
 
     async def publish(self, messages: Sequence[bytes]) -> None:
-        async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-            results = await asyncio.gather(*(self.send(p, m) for p, m in enumerate(messages)),
-                                           return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            raise failed[0]
+        # One pipeline: redis-py sends each master its SPUBLISHes in one write, all masters
+        # at once (a task per SPUBLISH cost several times as much, and raced on a new client).
+        async with asyncio.timeout(PUBLISH_TIMEOUT_S), self.cluster.pipeline(transaction=False) as pipe:
+            for channel, message in zip(self.channels, messages, strict=True):
+                pipe.spublish(channel, message)
+            await pipe.execute()
 
     async def send(self, partition: int, message: bytes) -> None:
         await self.cluster.spublish(self.channels[partition], message)
 
     async def follow_partition(self, partition: int, handle: Handle) -> None:
-        channel = self.channels[partition]
-        await follow(lambda: self._subscribed(channel), channel, handle)
+        await follow(self._subscriber(self.channels[partition]), self.channels[partition], handle)
 
     async def hint(self) -> None:
         await self.cluster.spublish(self.hints, b"")
 
     async def follow_hints(self, handle: Handle) -> None:
-        await follow(lambda: self._subscribed(self.hints), self.hints, handle)
+        await follow(self._subscriber(self.hints), self.hints, handle)
+
+    def _subscriber(self, channel: str) -> Callable[[], AbstractAsyncContextManager[PubSub]]:
+        """Subscribes `channel`; after a loss, on the slots as they are then (not every time:
+        each refresh makes the client reconnect everything, in-flight commands included)."""
+        attempts = itertools.count()
+        return lambda: self._subscribed(channel, refresh=next(attempts) > 0)
 
     @asynccontextmanager
-    async def _subscribed(self, channel: str) -> AsyncIterator[PubSub]:
-        """SSUBSCRIBE `channel` on the master that owns its slot now: the slots are read
-        again at each (re)subscription, so after a failover it is the promoted replica."""
+    async def _subscribed(self, channel: str, *, refresh: bool) -> AsyncIterator[PubSub]:
+        """SSUBSCRIBE `channel` on the master that owns its slot (with `refresh`, as the
+        cluster says now: after a failover, the promoted replica)."""
         try:
             await self.cluster.initialize()  # once: the client's first connection
-            await self.cluster.nodes_manager.initialize()  # every time: the slots as they are now
+            if refresh:
+                await self.cluster.nodes_manager.initialize()
             node = self.cluster.get_node_from_key(channel)
         except RedisClusterException as exc:  # not a RedisError: follow would not retry it
             raise RedisError(f"cannot find the master of {channel}: {exc}") from exc

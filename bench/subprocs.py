@@ -124,8 +124,10 @@ class Children:
     """The subprocesses a benchmark started; `async with` stops every one of them, by PID."""
 
     def __init__(self, database_url: str, redis_url: str, channel: str) -> None:
+        # Every benchmark socket is the one anonymous principal: 10,000 of them must fit.
         self.env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
-                    "TASKCAST_CHANNEL": channel, "TASKCAST_LOG": "WARNING"}
+                    "TASKCAST_CHANNEL": channel, "TASKCAST_LOG": "WARNING",
+                    "TASKCAST_MAX_CONNECTIONS_PER_PRINCIPAL": "100000"}
         self.env.pop("TASKCAST_SECRET", None)
         self.started: list[Child] = []
 

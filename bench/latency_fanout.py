@@ -172,20 +172,21 @@ class Phase:
     load: str = ""
 
 
-async def main(subscribers: int, rate: int, duration: float, processes: int, cluster: bool) -> None:
+async def main(subscribers: int, rate: int, duration: float, processes: int, cluster: bool,
+               budget_s: float) -> None:
     cancel_on_sigterm()
     raise_nofile()
     with redis_server(cluster) as redis_url:
-        await measure(subscribers, rate, duration, processes, redis_url, cluster)
+        await measure(subscribers, rate, duration, processes, redis_url, cluster, budget_s)
 
 
 async def measure(subscribers: int, rate: int, duration: float, processes: int, redis_url: str,
-                  cluster: bool) -> None:
+                  cluster: bool, budget_s: float = BUDGET_S) -> None:
     count = int(rate * duration)
     warmup = int(rate * WARMUP_S)
     channel = unique("taskcast:bench:latfan")
     published: dict[tuple[str, int], float] = {}
-    async with asyncio.timeout(BUDGET_S), scratch_database("latfan") as url, app_database("latfan") as app, \
+    async with asyncio.timeout(budget_s), scratch_database("latfan") as url, app_database("latfan") as app, \
             scratch_database("busy") as busy, Children(url, redis_url, channel) as children:
         redis = connect(redis_url)
         phases = [Phase("quiet", None),
@@ -323,5 +324,8 @@ if __name__ == "__main__":
     parser.add_argument("--processes", type=int, default=1, help="node processes of `taskcast serve`")
     parser.add_argument("--redis-cluster", action="store_true",
                         help="through an embedded Redis Cluster instead of TASKCAST_BENCH_REDIS_URL")
+    parser.add_argument("--budget", type=float, default=BUDGET_S,
+                        help="seconds the whole run may take (10,000 subscribers need several minutes)")
     args = parser.parse_args()
-    uvloop.run(main(args.subscribers, args.rate, args.duration, args.processes, args.redis_cluster))
+    uvloop.run(main(args.subscribers, args.rate, args.duration, args.processes, args.redis_cluster,
+                    args.budget))

@@ -39,7 +39,8 @@ async def follow(subscribe: Callable[[], AbstractAsyncContextManager[PubSub]], c
     """Pass each message of `channel` to `handle`, in order, until cancelled. A lost
     connection is logged and subscribed anew (`subscribe()`: a shard's subscriber finds the
     master that owns the channel's slot then) with exponential backoff; messages published
-    meanwhile are lost (Redis is only the fast path: callers repair from the log).
+    meanwhile are lost (Redis is only the fast path: callers repair from the log). Any
+    other exception is logged and treated the same: only cancellation ends it.
 
     It polls `get_message` with a timeout rather than iterating `listen()`: redis-py's
     pub/sub can swallow a cancellation, which is honoured here after each wait.
@@ -63,5 +64,10 @@ async def follow(subscribe: Callable[[], AbstractAsyncContextManager[PubSub]], c
                             log.exception("handling a message of %s failed", channel)
         except (RedisError, OSError) as exc:
             log.warning("subscription to %s lost, reconnecting: %s", channel, exc)
+        except Exception:
+            # Anything else is a bug of ours or of the client (uvloop's "handler is closed"
+            # RuntimeError while redis-py reconnects in a failover): this subscription's
+            # problem, never the follower's end (invariant 9).
+            log.exception("subscription to %s failed, reconnecting", channel)
         await pause(delay)
         delay = min(delay * 2, RECONNECT_MAX_S)

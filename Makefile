@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: dev test lint bench clean browser
+.PHONY: dev test lint bench clean system
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,17 +17,20 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 	$(BIN)/taskcast dev
 
-test: $(STAMP) browser
+test: $(STAMP) system
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
-# The browser tests drive Debian's Chromium. Installed here when we can (root with apt);
-# elsewhere those tests skip and say why.
-browser:
-	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing Debian chromium for the browser tests"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+# The browser tests drive Debian's Chromium; the provisioning kind's sandbox is bubblewrap.
+# Installed here when we can (root with apt); elsewhere those tests skip and say why.
+system:
+	@missing=""; \
+	[ -x $(CHROMIUM) ] || missing="$$missing chromium"; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian$$missing for the tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
 lint: $(STAMP)

@@ -154,11 +154,12 @@ class Children:
 
 
 async def http_get(port: int, path: str, within_s: float = 2.0) -> tuple[int, bytes]:
-    """GET http://127.0.0.1:port/path (the server closes the connection after answering)."""
+    """GET http://127.0.0.1:port/path (asking the server to close the connection after it)."""
     async with asyncio.timeout(within_s):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+                         .encode())
             raw = await reader.read()
         finally:
             writer.close()

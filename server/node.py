@@ -39,7 +39,7 @@ class Node:
         self.services = services = Services(settings, log_, kinds, handlers())
         self.redis = redis
         self.fanout = Fanout(redis, settings.channel, services.hub, log_, services.projector)
-        services.http = Http(lambda: self.services.settings, self.readiness, self.render_metrics)
+        services.http = Http(services, self.readiness, self.render_metrics)
         self.server: asyncio.Server | None = None
         self._loops: list[asyncio.Task[None]] = []
         self.failed = asyncio.Event()  # a background loop died: the process should stop

@@ -54,6 +54,8 @@ class Settings:
     send_buffer_bytes: int = 256 * 1024  # past this a subscription gets `resync`
     send_buffer_hard_bytes: int = 1024 * 1024  # past this the socket is closed (4429)
     max_inflight: int = 32  # concurrent commands/queries per socket before reading pauses
+    max_http_body_bytes: int = 1024 * 1024  # a plain HTTP request's body (413 beyond)
+    http_idle_s: float = 5.0  # a kept-alive HTTP connection's wait for its next request
     max_input_bytes: int = DEFAULT_LIMITS.max_input_bytes
     max_json_depth: int = DEFAULT_LIMITS.max_json_depth
     # workers

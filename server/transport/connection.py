@@ -1,4 +1,4 @@
-"""One TCP connection: HTTP requests, or a websocket speaking PROTOCOL.md.
+"""One TCP connection: a websocket speaking PROTOCOL.md, or plain HTTP (server/transport/http11.py).
 
 A thin asyncio shell around websockets' sans-I/O `ServerProtocol` (bytes in, frames out,
 no await). An idle socket costs this object, the protocol's parser and the transport: no
@@ -30,6 +30,7 @@ from events.ids import Position, encode
 from server.protocol.frames import FrameError, Request, decode
 from server.protocol.session import Action, Close, Send, Session, error_frame
 from server.transport import wsframe
+from server.transport.http11 import MAX_HTTP_HEAD_BYTES, HttpChannel
 
 if TYPE_CHECKING:
     from server.fanout.hub import Subscription
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("taskcast.connection")
 
 SUBPROTOCOL = Subprotocol("taskcast.v1")
-MAX_HTTP_HEAD_BYTES = 16 * 1024
 CLOSE_TIMEOUT_S = 2.0
 WRITE_GROUP_BYTES = 32 * 1024  # queued updates are written in groups of about this size
 
@@ -55,6 +55,7 @@ class Connection(asyncio.Protocol):
         "fragments",
         "fragments_size",
         "head",
+        "http",
         "inflight",
         "last_in",
         "last_out",
@@ -74,6 +75,7 @@ class Connection(asyncio.Protocol):
         self.ws: ServerProtocol | None = None
         self.session: Session | None = None
         self.head = bytearray()
+        self.http: HttpChannel | None = None  # plain HTTP, once the first request is not /ws
         self.fragments: list[bytes] | None = None
         self.fragments_size = 0
         self.inflight = 0
@@ -92,6 +94,13 @@ class Connection(asyncio.Protocol):
         settings = self.services.settings
         self.transport.set_write_buffer_limits(high=settings.send_buffer_bytes // 2,
                                           low=settings.send_buffer_bytes // 8)
+        # The first request's head must be whole within http_idle_s (a client that trickles
+        # it, or sends nothing, would otherwise hold the connection forever).
+        asyncio.get_running_loop().call_later(settings.http_idle_s, self._head_overdue)
+
+    def _head_overdue(self) -> None:
+        if self.ws is None and self.http is None and self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.last_in = time.monotonic()
@@ -102,6 +111,8 @@ class Connection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool | None:
+        if self.http is not None:
+            self.http.eof()
         if self.ws is not None:
             self.ws.receive_eof()
             self._process()
@@ -112,6 +123,8 @@ class Connection(asyncio.Protocol):
             self.services.transports.discard(self.transport)
         if self.session is not None:
             self.session.closed()
+        if self.http is not None:
+            self.http.eof()
         self.services.forget(self)
         if self._drained is not None:
             self._drained.set()
@@ -127,7 +140,11 @@ class Connection(asyncio.Protocol):
     # HTTP, then the websocket handshake
 
     def _receive_http(self, data: bytes) -> None:
+        """The first request's head decides: the websocket's (`/ws`), or plain HTTP."""
         assert self.transport is not None
+        if self.http is not None:
+            self.http.receive(data)
+            return
         self.head += data
         end = self.head.find(b"\r\n\r\n")
         if end < 0:
@@ -136,31 +153,13 @@ class Connection(asyncio.Protocol):
             return
         request_line = bytes(self.head[:self.head.find(b"\r\n")])
         parts = request_line.split(b" ")
-        if len(parts) != 3:
-            self._http_error(400, b"bad request line")
-            return
-        method, target, _ = parts
-        path = target.split(b"?", 1)[0]
-        if path == b"/ws":
+        if len(parts) == 3 and parts[1].split(b"?", 1)[0] == b"/ws":
             self._open_websocket()
-        else:
-            raw_head = bytes(self.head[:end])
-            self.head.clear()
-            self.transport.pause_reading()
-            self.services.spawn(self._serve_http(method.decode("latin-1"), target.decode("latin-1"),
-                                                 raw_head))
-
-    async def _serve_http(self, method: str, target: str, raw_head: bytes) -> None:
-        assert self.transport is not None
-        try:
-            assert self.services.http is not None
-            response = await self.services.http.respond(method, target, raw_head)
-        except Exception:
-            log.exception("HTTP request failed")
-            response = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-        if not self.transport.is_closing():
-            self.transport.write(response)
-            self.transport.close()
+            return
+        self.http = HttpChannel(self, self.services)
+        self.http.receive(bytes(self.head))
+        self.head = bytearray()
+        self.services.spawn(self.http.serve())
 
     def _http_error(self, status: int, text: bytes) -> None:
         assert self.transport is not None

@@ -1,15 +1,14 @@
 """HTTP: health, readiness, metrics and the dashboard, as a Starlette app.
 
-The listener hands plain HTTP requests (anything but `/ws`) to `Http.respond`, which runs
-the ASGI app for one request and returns the raw response bytes.
+Each plain HTTP request (anything but `/ws`) runs through `Http.app`, served over HTTP/1.1
+by server/transport/http11.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -19,8 +18,13 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from events.errors import Forbidden, TaskcastError
 from server.protocol.auth import origin_of
 from server.settings import Settings
+from server.transport import sse
+
+if TYPE_CHECKING:
+    from server.services import Services
 
 STATIC_DIR = Path(__file__).parents[1] / "static"  # the dashboard
 READY_WITHIN_S = 3.0  # the relay publishes at least every second
@@ -30,19 +34,23 @@ Readiness = Callable[[], Awaitable[dict[str, bool]]]
 
 
 class Http:
-    def __init__(self, settings: Callable[[], Settings], readiness: Readiness,
+    def __init__(self, services: Services, readiness: Readiness,
                  metrics: Callable[[], Awaitable[str]]) -> None:
-        self.settings = settings
+        self.services = services
         self.readiness = readiness
         self.render_metrics = metrics
         routes: list[Any] = [
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
             Route("/metrics", self.metrics),
+            Route("/v1/stream", self.stream),
         ]
         if STATIC_DIR.is_dir():
             routes.append(Mount("/", StaticFiles(directory=STATIC_DIR, html=True)))
-        self.app = Starlette(routes=routes, middleware=[cors(settings())])
+        self.app = Starlette(routes=routes, middleware=[cors(services.settings)])
+
+    def settings(self) -> Settings:
+        return self.services.settings
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "node": self.settings().node_id})
@@ -55,45 +63,42 @@ class Http:
     async def metrics(self, request: Request) -> Response:
         return PlainTextResponse(await self.render_metrics(), media_type="text/plain; version=0.0.4")
 
-    async def respond(self, method: str, target: str, raw_head: bytes) -> bytes:
-        """Run one request through the ASGI app; the raw HTTP/1.1 response."""
-        path, _, query = target.partition("?")
-        headers = [tuple(line.split(b":", 1)) for line in raw_head.split(b"\r\n")[1:] if b":" in line]
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
-                 "query_string": query.encode(), "root_path": "",
-                 "headers": [(k.strip().lower(), v.strip()) for k, v in headers],
-                 "server": (self.settings().host, self.settings().port), "client": None}
-        status = 500
-        out_headers: list[tuple[bytes, bytes]] = []
-        body: list[bytes] = []
+    async def stream(self, request: Request) -> Response:
+        """Server-Sent Events of one channel (server/transport/sse.py)."""
+        try:
+            principal = self.services.auth.verify(bearer(request))
+            if not principal.scopes:
+                raise Forbidden("the token grants no scope")
+            return await sse.stream(self.services, principal, request)
+        except TaskcastError as exc:
+            return problem(exc)
 
-        requested = False
 
-        async def receive() -> dict[str, Any]:
-            # The body once; then block like a connection that stays open (the app's task is
-            # done when the response is). Returning at once again made Starlette's
-            # FileResponse spin on receive() waiting for a disconnect, freezing the loop.
-            nonlocal requested
-            if requested:
-                await asyncio.Future()
-            requested = True
-            return {"type": "http.request", "body": b"", "more_body": False}
+def bearer(request: Request) -> str | None:
+    """The request's token: `Authorization: Bearer <token>`, or the `access_token` query
+    parameter (RFC 6750, 2.3) for a browser's EventSource, which cannot set headers."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return request.query_params.get("access_token") or None
 
-        async def send(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                out_headers.extend(message.get("headers", []))
-            elif message["type"] == "http.response.body":
-                body.append(message.get("body", b""))
 
-        await self.app(scope, receive, send)
-        payload = b"" if method == "HEAD" else b"".join(body)
-        lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, b"Status"))]
-        lines += [k + b": " + v for k, v in out_headers if k.lower() not in (b"connection",)]
-        lines.append(b"connection: close")
-        return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404,
+          "conflict": 409, "too_large": 413, "rate_limited": 429, "unavailable": 503,
+          "internal": 500}
+
+
+def problem(exc: TaskcastError) -> Response:
+    """An error as a problem document (RFC 9457) carrying the protocol's error code."""
+    status = STATUS.get(exc.code, 500)
+    headers = {}
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
+    if exc.retryable:
+        headers["retry-after"] = "1"
+    return JSONResponse({"type": "about:blank", "title": exc.code.replace("_", " "), "status": status,
+                         "code": exc.code, "message": str(exc), "retryable": exc.retryable},
+                        status_code=status, headers=headers, media_type="application/problem+json")
 
 
 def cors(settings: Settings) -> Middleware:
@@ -104,7 +109,3 @@ def cors(settings: Settings) -> Middleware:
     if settings.public_url and (public := origin_of(settings.public_url)):
         origins.append(public)
     return Middleware(CORSMiddleware, allow_origins=origins, allow_methods=("GET", "HEAD"))
-
-
-_REASONS = {200: b"OK", 304: b"Not Modified", 404: b"Not Found", 405: b"Method Not Allowed",
-            500: b"Internal Server Error", 503: b"Service Unavailable"}

@@ -19,3 +19,9 @@ def text(payload: bytes) -> bytes:
     if n < 1 << 16:
         return struct.pack("!BBH", _TEXT_FIN, 126, n) + payload
     return struct.pack("!BBQ", _TEXT_FIN, 127, n) + payload
+
+
+def payload(frame: bytes) -> bytes:
+    """The payload of a frame `text` built (SSE writes the same update bytes unframed)."""
+    n = frame[1]
+    return frame[2 + (2 if n == 126 else 8 if n == 127 else 0):]

@@ -3,7 +3,6 @@ writer delays only what comes after it (invariant 4)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 import asyncpg
@@ -20,6 +19,7 @@ from events.log import CreateTask, EventLog
 from events.model import EventType, NewEvent
 from events.sql import q
 from tests.foreign import foreign_write, foreign_writes
+from tests.scraping import get
 
 E = EventType
 
@@ -167,7 +167,7 @@ async def test_metrics_show_the_bound_lag_and_the_writer_holding_it(
             await _begin_append(stalled, log, held)
             xid = int(await stalled.fetchval("SELECT pg_current_xact_id()::text"))
             await log.append(later, await log.view(later), [NewEvent(E.TASK_STARTED, {})])
-            gauges = _gauges(await _get(process.settings.port, "/metrics"))
+            gauges = _gauges((await get(process.settings.port, "/metrics"))[1])
             assert gauges["taskcast_read_bound_holder_pid"] == stalled.get_server_pid()
             assert gauges["taskcast_read_bound_holder_xid"] == xid
             assert gauges["taskcast_read_bound_holder_age_seconds"] > 0
@@ -175,22 +175,11 @@ async def test_metrics_show_the_bound_lag_and_the_writer_holding_it(
             assert gauges["taskcast_read_bound_lag_xids"] >= 2  # the stalled one and `later`
             assert gauges["taskcast_cluster_xmin_lag_xids"] > gauges["taskcast_read_bound_lag_xids"]
             await stalled.execute("ROLLBACK")
-            gauges = _gauges(await _get(process.settings.port, "/metrics"))
+            gauges = _gauges((await get(process.settings.port, "/metrics"))[1])
             assert gauges["taskcast_read_bound_holder_pid"] == 0
             assert gauges["taskcast_read_bound_events_behind"] == 0
     finally:
         await stalled.close()
-
-
-async def _get(port: int, path: str) -> str:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
-        async with asyncio.timeout(10):
-            data = await reader.read()
-    finally:
-        writer.close()
-    return data.decode().partition("\r\n\r\n")[2]
 
 
 def _gauges(text: str) -> dict[str, float]:

@@ -18,6 +18,7 @@ from cli.embedded import EmbeddedPostgres, restart_postgres, stop_postgres
 from cli.process import Process, Roles
 from server.settings import Settings
 from tests.conftest import Launch, on_both_engines, ws_url
+from tests.scraping import get
 from tests.waiting import eventually_async
 from tests.wsclient import Client
 
@@ -179,20 +180,12 @@ async def test_readyz_is_green_only_while_relay_messages_arrive(taskcast: Proces
     /healthz and /metrics answer."""
     port = taskcast.settings.port
 
-    async def get(path: str) -> tuple[int, str]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
-        data = await reader.read()
-        writer.close()
-        head, _, body = data.decode().partition("\r\n\r\n")
-        return int(head.split()[1]), body
-
     async def ready() -> bool:
-        return (await get("/readyz"))[0] == 200
+        return (await get(port, "/readyz"))[0] == 200
 
     await eventually_async(ready)
-    assert (await get("/healthz"))[0] == 200
-    status, metrics = await get("/metrics")
+    assert (await get(port, "/healthz"))[0] == 200
+    status, metrics = await get(port, "/metrics")
     assert status == 200 and "taskcast_connections" in metrics and "taskcast_ack_seconds_bucket" in metrics
     assert taskcast.relay is not None
     for task in taskcast._tasks:
@@ -202,7 +195,7 @@ async def test_readyz_is_green_only_while_relay_messages_arrive(taskcast: Proces
         return not await ready()
 
     await eventually_async(not_ready)
-    status, body = await get("/readyz")
+    status, body = await get(port, "/readyz")
     assert status == 503 and json.loads(body)["checks"]["relay_messages"] is False
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +41,9 @@ class EventSource:
         stream when `reconnect` is false)."""
         while True:
             try:
-                async for event in self._one_stream():
-                    yield event
+                async with aclosing(self._one_stream()) as stream:
+                    async for event in stream:
+                        yield event
             except (OSError, h11.ProtocolError):
                 pass  # the server went away: like the end of the stream
             if not reconnect or (self.statuses and self.statuses[-1] != 200):

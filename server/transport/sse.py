@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from events.errors import BadRequest, RateLimited, TaskcastError
 from events.ids import Position, TaskId, encode
@@ -137,12 +138,28 @@ async def stream(services: Services, principal: Principal, request: Request) -> 
         principal.require_task(await services.log.view(TaskId(name)))  # 404 before 200
     elif kind == "scope":
         principal.require(name)
+    if request.method == "HEAD":  # the headers a GET would have; no stream to hold open
+        return Response(media_type="text/event-stream", headers=HEADERS)
     if not services.admit(principal.name):
         raise RateLimited("too many connections for this principal")
     sse = SseStream(services, principal)
-    sse.session.admitted = principal.name
-    return StreamingResponse(_events(services, sse, channel, since, snapshot),
-                             media_type="text/event-stream", headers=HEADERS)
+    sse.session.admitted = principal.name  # released by sse.closed(), whichever way it ends
+    return _Response(sse, _events(services, sse, channel, since, snapshot))
+
+
+class _Response(StreamingResponse):
+    """The stream's response; it closes the stream however the response ends, even one whose
+    body never started (its generator's `finally` would not run then)."""
+
+    def __init__(self, sse: SseStream, content: AsyncIterator[bytes]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=HEADERS)
+        self.sse = sse
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.sse.closed()
 
 
 def _parameters(request: Request) -> tuple[str, Position | None, bool]:

@@ -15,7 +15,7 @@ from server.protocol.auth import mint
 from tests.conftest import Launch
 from tests.restarting import Restartable
 from tests.sse import EventSource, answer
-from tests.waiting import eventually
+from tests.waiting import eventually, eventually_async
 from tests.wsclient import Client
 
 SECRET = "sse-test-secret-of-at-least-32-bytes"
@@ -158,3 +158,28 @@ async def test_an_idle_stream_sends_heartbeat_comments(launch: Launch) -> None:
         assert data.startswith(b"HTTP/1.1 200 ") and b"text/event-stream" in data
     finally:
         writer.close()
+
+
+async def test_a_stream_counts_against_its_principals_connections_until_it_ends(launch: Launch) -> None:
+    """With one connection allowed, a second stream is 429 while the first is open, and
+    the first's slot is free again once its reader leaves."""
+    node = await launch(workers=0, max_connections_per_principal=1)
+    port = node.settings.port
+    first = EventSource(port, "/v1/stream?channel=all")
+    events = first.events(reconnect=False)
+    async with asyncio.timeout(10):
+        assert (await anext(events)).name == "subscribed"
+    got, body = await answer(port, "/v1/stream?channel=all")
+    assert (got, body["code"]) == (429, "rate_limited")
+    await events.aclose()  # the reader leaves
+
+    async def admitted() -> bool:
+        return node.node is not None and not node.node.services.admitted()
+
+    await eventually_async(admitted)
+    second = EventSource(port, "/v1/stream?channel=all").events(reconnect=False)
+    try:
+        async with asyncio.timeout(10):
+            assert (await anext(second)).name == "subscribed"
+    finally:
+        await second.aclose()

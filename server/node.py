@@ -20,6 +20,7 @@ from server.handlers.commands import handlers
 from server.protocol.session import SessionState
 from server.services import Services
 from server.settings import Settings
+from server.transport import api
 from server.transport.connection import Connection
 from server.transport.http import READY_WITHIN_S, Http
 from server.transport.metrics import Metrics
@@ -39,7 +40,7 @@ class Node:
         self.services = services = Services(settings, log_, kinds, handlers())
         self.redis = redis
         self.fanout = Fanout(redis, settings.channel, services.hub, log_, services.projector)
-        services.http = Http(services, self.readiness, self.render_metrics)
+        services.http = Http(services, self.readiness, self.render_metrics, api.routes(services))
         self.server: asyncio.Server | None = None
         self._loops: list[asyncio.Task[None]] = []
         self.failed = asyncio.Event()  # a background loop died: the process should stop

@@ -1,4 +1,4 @@
-"""HTTP: health, readiness, metrics and the dashboard, as a Starlette app.
+"""HTTP: health, readiness, metrics, the API's routes and the dashboard, as a Starlette app.
 
 Each plain HTTP request (anything but `/ws`) runs through `Http.app`, served over HTTP/1.1
 by server/transport/http11.py.
@@ -6,7 +6,7 @@ by server/transport/http11.py.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from events.errors import Forbidden, TaskcastError
@@ -35,7 +35,7 @@ Readiness = Callable[[], Awaitable[dict[str, bool]]]
 
 class Http:
     def __init__(self, services: Services, readiness: Readiness,
-                 metrics: Callable[[], Awaitable[str]]) -> None:
+                 metrics: Callable[[], Awaitable[str]], api: Sequence[BaseRoute] = ()) -> None:
         self.services = services
         self.readiness = readiness
         self.render_metrics = metrics
@@ -44,6 +44,7 @@ class Http:
             Route("/readyz", self.readyz),
             Route("/metrics", self.metrics),
             Route("/v1/stream", self.stream),
+            *api,  # server/transport/api.py
         ]
         if STATIC_DIR.is_dir():
             routes.append(Mount("/", StaticFiles(directory=STATIC_DIR, html=True)))

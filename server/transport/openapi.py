@@ -84,7 +84,8 @@ _PROBLEMS = {"400": "bad_request: the message names the field",
              "404": "not_found: no such task, or one of a scope the token does not grant",
              "409": "conflict: the task's status does not allow it",
              "413": "too_large: a body over `max_frame_bytes`",
-             "429": "rate_limited: over `rate_per_s` requests per second (`Retry-After`)",
+             "429": "rate_limited: over `rate_per_s` requests per second (`Retry-After`); a stream "
+                    "over `max_connections_per_principal`",
              "500": "internal",
              "503": "unavailable: PostgreSQL is unreachable, nothing was written (`Retry-After`)"}
 
@@ -173,8 +174,10 @@ PATHS: dict[str, Any] = {
                            "`task:<id>`, `scope:<scope>` or `all`", required=True),
                     _query("since", POSITION, "resume after this position"),
                     _query("snapshot", {"type": "boolean"}, "start with the channel's current views"),
+                    _query("access_token", {"type": "string"}, "the token, for an EventSource (which "
+                           "cannot send Authorization)"),
                     {"name": "Last-Event-ID", "in": "header", "required": False, "schema": POSITION,
-                     "description": "sent by a reconnecting EventSource: as `since`"}],
+                     "description": "sent by a reconnecting EventSource: as `since` (and wins over it)"}],
                 "responses": {"200": {"description": "one event per update, `id` its position",
                                       "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                               **_problems(*COMMON, "404")}},

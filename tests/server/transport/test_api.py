@@ -90,6 +90,18 @@ async def test_a_create_repeated_with_its_idempotency_key_returns_the_one_task(l
     assert [t["id"] for t in listed.json["tasks"]] == [first.json["task"]]
 
 
+async def test_an_idempotency_key_is_the_socket_key_of_the_same_principal(launch: Launch) -> None:
+    """A create over HTTP with the key of the principal's earlier socket create is that create."""
+    process = await launch(secret=SECRET, workers=0)
+    client = await Client.open(ws_url(process), token=ADMIN)
+    ack = await client.request({"type": "create", **DEMO, "key": "shared"})
+    again = await call(process, "POST", "/v1/tasks", body=DEMO, token=ADMIN, key="shared")
+    assert again.status == 200 and again.json["task"] == ack["task"] and again.json["duplicate"]
+    other = await call(process, "POST", "/v1/tasks", body=DEMO, token=mint(SECRET, "u", ["*"]), key="shared")
+    assert other.status == 201 and other.json["task"] != ack["task"]
+    await client.close()
+
+
 async def test_bad_requests_name_the_field_exactly_as_the_websocket_does(launch: Launch) -> None:
     """A field the edge refuses is 400 with the websocket's message; strict query ints; a
     body that is no JSON object; `subscribe`."""

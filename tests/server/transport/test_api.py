@@ -118,9 +118,11 @@ async def test_bad_requests_name_the_field_exactly_as_the_websocket_does(launch:
     for path, name in (("/v1/tasks?limit=abc", "limit"), ("/v1/tasks?limit=+5", "limit"),
                        ("/v1/tasks?limit=501", "limit"), ("/v1/tasks?status=running,nope", "status"),
                        ("/v1/tasks?kind=a&kind=b", "kind"), ("/v1/tasks/tsk_x/events?after=1.5", "after"),
-                       ("/v1/tasks/" + "x" * 65, "task")):
+                       ("/v1/tasks?limit=%EF%BC%91", "limit"), ("/v1/tasks/" + "x" * 65, "task"),
+                       ("/v1/tasks/tsk%00x", "task"), ("/v1/tasks/tsk%0Ax/events", "task")):
         assert_problem(await call(process, "GET", path), "bad_request", naming=name)
-    for raw in (b"[1]", b"not json", b'"create"'):
+    assert_problem(await call(process, "GET", "/v1/tasks", token="x" * 8193), "bad_request", naming="token")
+    for raw in (b"[1]", b"not json", b'"create"', b'{"kind": "\xff"}'):
         assert_problem(await call(process, "POST", "/v1/tasks", raw=raw), "bad_request")
     assert_problem(await call(process, "POST", "/v1/tasks", body={**DEMO, "subscribe": True}),
                    "bad_request", naming="subscribe")
@@ -134,7 +136,8 @@ async def test_a_missing_or_bad_token_is_unauthorized_with_www_authenticate(laun
     other = mint("another-secret-of-32-bytes-or-more-than-that", "x", ["*"])
     expired = mint(SECRET, "x", ["*"], ttl_s=-60)
     for headers in ({}, {"authorization": f"Bearer {other}"}, {"authorization": f"Bearer {expired}"},
-                    {"authorization": f"Basic {ADMIN}"}, {"authorization": "Bearer"}):
+                    {"authorization": f"Basic {ADMIN}"}, {"authorization": "Bearer"},
+                    {"authorization": "Bearer \xe4.\xff.x"}):
         reply = await call(process, "GET", "/v1/tasks", headers=headers)
         assert_problem(reply, "unauthorized")
         assert reply.headers["www-authenticate"] == "Bearer"

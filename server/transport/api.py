@@ -28,6 +28,7 @@ from events.ids import Position
 from server.protocol.auth import Principal
 from server.protocol.frames import FrameError, Request, decode
 from server.protocol.session import Session
+from server.transport import sse
 from server.transport.http import problem
 from server.transport.openapi import document
 
@@ -110,15 +111,19 @@ class Api:
 
     # the edge
 
-    def principal(self, request: HttpRequest) -> Principal:
+    def principal(self, request: HttpRequest, *, query_token: bool = False) -> Principal:
         """The principal of the bearer token, checked as `hello` checks its `token` (no
-        header: as a `hello` without one). Raises Unauthorized, Forbidden, BadRequest."""
+        header: as a `hello` without one). With `query_token`, a request without the header
+        may carry it as `access_token` in the query (RFC 6750, 2.3: a browser's
+        EventSource cannot set headers). Raises Unauthorized, Forbidden, BadRequest."""
         header = request.headers.get("authorization")
         token = None
         if header is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer":
                 raise Unauthorized("the Authorization header must be `Bearer <token>`")
+        elif query_token:
+            token = request.query_params.get("access_token")
         hello = self.decode({"type": "hello", "token": token.strip() if token is not None else None})
         principal = self.services.auth.verify(hello.fields.get("token"))
         if not principal.scopes:
@@ -256,6 +261,15 @@ class Api:
         answer = await self.serve(request, build)
         return answer if isinstance(answer, Response) else json_response(answer["data"])
 
+    async def stream(self, request: HttpRequest) -> Response:
+        """Server-Sent Events of one channel (server/transport/sse.py)."""
+        try:
+            principal = self.principal(request, query_token=True)
+            self.limit(principal)
+            return await sse.stream(self.services, principal, request)
+        except TaskcastError as exc:
+            return problem(exc)
+
     async def openapi(self, request: HttpRequest) -> Response:
         return json_response(document())
 
@@ -318,5 +332,6 @@ def routes(services: Services) -> list[BaseRoute]:
         Route("/v1/tasks/{id}/cancel", api.task_command("cancel"), methods=["POST"]),
         Route("/v1/tasks/{id}/answer", api.task_command("answer"), methods=["POST"]),
         Route("/v1/tasks/{id}/retry", api.task_command("retry"), methods=["POST"]),
+        Route("/v1/stream", api.stream, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
     ]

@@ -18,10 +18,9 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from events.errors import Forbidden, TaskcastError
+from events.errors import TaskcastError
 from server.protocol.auth import origin_of
 from server.settings import Settings
-from server.transport import sse
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -43,7 +42,6 @@ class Http:
             Route("/healthz", self.healthz),
             Route("/readyz", self.readyz),
             Route("/metrics", self.metrics),
-            Route("/v1/stream", self.stream),
             *api,  # server/transport/api.py
         ]
         if STATIC_DIR.is_dir():
@@ -63,25 +61,6 @@ class Http:
 
     async def metrics(self, request: Request) -> Response:
         return PlainTextResponse(await self.render_metrics(), media_type="text/plain; version=0.0.4")
-
-    async def stream(self, request: Request) -> Response:
-        """Server-Sent Events of one channel (server/transport/sse.py)."""
-        try:
-            principal = self.services.auth.verify(bearer(request))
-            if not principal.scopes:
-                raise Forbidden("the token grants no scope")
-            return await sse.stream(self.services, principal, request)
-        except TaskcastError as exc:
-            return problem(exc)
-
-
-def bearer(request: Request) -> str | None:
-    """The request's token: `Authorization: Bearer <token>`, or the `access_token` query
-    parameter (RFC 6750, 2.3) for a browser's EventSource, which cannot set headers."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return request.query_params.get("access_token") or None
 
 
 STATUS = {"bad_request": 400, "unauthorized": 401, "forbidden": 403, "not_found": 404,

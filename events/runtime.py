@@ -90,6 +90,7 @@ class RunContext:
         self._questions = 0
         self._pending_progress: NewEvent | None = None
         self._deferred: list[NewEvent] = []  # events to write with the next write
+        self._completion_deferred = False  # a step.completed is among them
         self._pending_lines: list[str] = []
         self._pending_chars = 0
         self._write_lock = asyncio.Lock()
@@ -120,13 +121,17 @@ class RunContext:
 
     def result_of(self, name: str) -> Any:
         """The recorded result of a completed step (None when it did not complete)."""
+        for event in self._deferred:  # completed in this run, not committed yet
+            if event.type is E.STEP_COMPLETED and event.data["step"] == name:
+                return event.data.get("result")
         for step in self.view["steps"]:
             if step["name"] == name and step["status"] == "completed":
                 return step.get("result")
         return None
 
     def completed(self, name: str) -> bool:
-        return any(s["name"] == name and s["status"] == "completed" for s in self.view["steps"])
+        return (any(e.type is E.STEP_COMPLETED and e.data["step"] == name for e in self._deferred)
+                or any(s["name"] == name and s["status"] == "completed" for s in self.view["steps"]))
 
     async def step(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run `fn` as the step `name`, unless a previous run completed it: then return the
@@ -145,7 +150,13 @@ class RunContext:
         # Not awaited: written at once by a flush, or, when the step is over first (a quick
         # one), in the same commit as its end. Either way before anything else of the task.
         self._deferred.append(NewEvent(E.STEP_STARTED, started))
-        self._schedule_flush(0)
+        if self._completion_deferred:
+            # Invariant 5: nothing runs after a step until its completion is committed (a
+            # run that dies now must find the step completed, not run it again after its
+            # successor began). Committed together with this step's start.
+            await self.write([])
+        else:
+            self._schedule_flush(0)
         owner = attempt.CURRENT.set(attempt.Owner(self.task, self.fence, name))
         try:
             result = await fn()
@@ -164,8 +175,16 @@ class RunContext:
         completed: dict[str, Any] = {"step": name}
         if result is not None:
             completed["result"] = result
-        await self.write([NewEvent(E.STEP_COMPLETED, completed)])
+        # Deferred too: committed before the next step starts, with the run's last events
+        # when this was its last step (one commit fewer per task), or by a flush within
+        # flush_s. Until then the step is not complete: a run that dies first runs it again.
+        self._deferred.extend([*self._take_buffered(), NewEvent(E.STEP_COMPLETED, completed)])
+        self._completion_deferred = True
         self.step_name = None
+        if self._flusher is not None:  # the prompt flush of the start: no longer needed
+            self._flusher.cancel()
+            self._flusher = None
+        self._schedule_flush()
         return result
 
     def progress(self, fraction: float, message: str | None = None) -> None:
@@ -267,17 +286,8 @@ class RunContext:
             if self._flusher is not None:
                 self._flusher.cancel()
                 self._flusher = None
-            batch, self._deferred = self._deferred, []
-            if self._pending_lines and self.step_name is not None:
-                lines = self._pending_lines
-                if self._dropped_lines:
-                    lines = [f"[{self._dropped_lines} lines dropped]", *lines]
-                    self._dropped_lines = 0
-                batch.append(NewEvent(E.STEP_OUTPUT, {"step": self.step_name, "lines": lines}))
-            if self._pending_progress is not None and self.step_name is not None:
-                batch.append(self._pending_progress)
-            self._pending_lines, self._pending_progress, self._pending_chars = [], None, 0
-            batch.extend(events)
+            batch, self._deferred = [*self._deferred, *self._take_buffered(), *events], []
+            self._completion_deferred = False
             if not batch:
                 return
             outage_since: float | None = None
@@ -307,6 +317,20 @@ class RunContext:
                     log.warning("write of %s waits for PostgreSQL: %s", self.task, exc)
                     await pause(delay)
                     delay = min(delay * 2, OUTAGE_RETRY_MAX_S)
+
+    def _take_buffered(self) -> list[NewEvent]:
+        """The current step's buffered output and progress, as events (emptying the buffers)."""
+        taken: list[NewEvent] = []
+        if self._pending_lines and self.step_name is not None:
+            lines = self._pending_lines
+            if self._dropped_lines:
+                lines = [f"[{self._dropped_lines} lines dropped]", *lines]
+                self._dropped_lines = 0
+            taken.append(NewEvent(E.STEP_OUTPUT, {"step": self.step_name, "lines": lines}))
+        if self._pending_progress is not None and self.step_name is not None:
+            taken.append(self._pending_progress)
+        self._pending_lines, self._pending_progress, self._pending_chars = [], None, 0
+        return taken
 
     async def end(self, events: list[NewEvent], *, job_state: JobChange,
                   run_at: datetime | None = None) -> None:

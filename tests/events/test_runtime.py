@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from cli.process import load_kinds
+from events.ids import TaskId, split
+from events.kind import KindSpec, TaskContext
 from events.kinds import builtin
 from events.log import CreateTask, EventLog
 from events.model import EventType
@@ -105,3 +107,46 @@ async def test_a_plugin_kind_registered_by_import_path_runs(tmp_path: Path, laun
     assert done["task"]["result"] == "said" and done["task"]["output_tail"] == ["hello ada"]
     assert ack["type"] == "ack"
     sys.modules.pop("my_kinds", None)
+
+
+async def test_a_tasks_last_step_completes_in_the_commit_of_its_end(event_log: EventLog,
+                                                                   worker: Worker) -> None:
+    """A one-step task takes one commit for its step's start and end and its terminal event
+    together, after the claim's: two transactions per task, every event still there."""
+    ack = await event_log.create(CreateTask("demo", "p", {"steps": 1, "step_ms": 0}))
+    events = await _ended(event_log, ack.task)
+    xids = {e.type: split(e.position)[0] for e in events}
+    assert [e.type for e in events] == [E.TASK_CREATED, E.TASK_STARTED, E.STEP_STARTED, E.STEP_PROGRESS,
+                                        E.STEP_COMPLETED, E.TASK_COMPLETED]
+    assert xids[E.STEP_STARTED] == xids[E.STEP_COMPLETED] == xids[E.TASK_COMPLETED] != xids[E.TASK_STARTED]
+
+
+async def test_a_step_runs_only_once_its_predecessors_completion_is_committed(
+        settings: Settings, event_log: EventLog) -> None:
+    """Invariant 5 with deferred completions: when step two begins, step one's
+    step.completed is already in the log (a run that died in step two would skip step one)."""
+    seen: list[list[Any]] = []
+
+    async def run(ctx: TaskContext) -> Any:
+        async def one() -> str:
+            return "done"
+
+        async def two() -> None:
+            seen.append([(e.type, e.data.get("step")) for e in await event_log.history(TaskId(ctx.task))])
+
+        assert await ctx.step("one", one) == "done"
+        assert ctx.completed("one") and ctx.result_of("one") == "done"  # seen before its commit
+        await ctx.step("two", two)
+        return None
+
+    w = Worker(settings.database_url, event_log, {"probe": KindSpec("probe", run)},
+               WorkerConfig(maintain_every_s=0.2))
+    running = asyncio.create_task(w.run(), name="worker")
+    try:
+        ack = await event_log.create(CreateTask("probe", "p", {}))
+        events = await _ended(event_log, ack.task)
+    finally:
+        await cancelled(running)
+    assert events[-1].type is E.TASK_COMPLETED
+    (history,) = seen
+    assert (E.STEP_COMPLETED, "one") in history and (E.STEP_STARTED, "two") in history

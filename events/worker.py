@@ -3,7 +3,9 @@
 Named loops, watched by one TaskGroup (a loop that dies stops the worker):
 - `listen`: LISTEN taskcast_jobs and taskcast_cancel. A job notification only wakes the
   claimer (a coalesced hint); a cancel notification reaches the task's context at once.
-- `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth).
+- `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth);
+  two lanes claim at once, each up to a quarter of the free slots, so claims overlap.
+  A slot is free when its run ends (its dependents are released after).
 - `maintain`: a round of the janitor (events/janitor.py) every `maintain_every_s`: leases
   expired, deadlines of tasks whose worker died, dependencies, retention.
 - `heartbeat`: every third of the lease, one statement extends the leases of every task
@@ -25,6 +27,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from events import db, deps, tracing
 from events.aio import pause, raise_if_cancelling, wait_event
@@ -39,6 +42,8 @@ from events.queue import Claim, Queue
 from events.runtime import RunContext, run_claim
 
 log = logging.getLogger("taskcast.worker")
+
+CLAIM_LANES = 2  # claims in flight at once
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class Worker:
         self.draining = False
         self._contexts: dict[TaskId, RunContext] = {}
         self._slot_free = asyncio.Event()
+        self._busy = 0  # slots held by runs not over yet
+        self._reserved = 0  # slots the claims in flight may fill
         self.listening = asyncio.Event()
         self.errors = 0  # failures a loop survived (logged with their item)
         self.metrics = metrics or WorkerMetrics(log_.pool)  # one for all the workers of a process
@@ -156,18 +163,29 @@ class Worker:
         return handed
 
     async def _claim_loop(self) -> None:
+        """CLAIM_LANES lanes claim at once, so the next claim's round trips overlap the
+        last one's (SKIP LOCKED: they never take the same job, nor wait on each other)."""
+        async with asyncio.TaskGroup() as tg:
+            for lane in range(CLAIM_LANES):
+                tg.create_task(self._claim_lane(), name=f"worker.claim.{lane}")
+
+    async def _claim_lane(self) -> None:
         while True:
             raise_if_cancelling()  # the waits below have no deadline
             if self.draining:
                 await asyncio.Event().wait()  # claims nothing more; cancelled at stop
-            if len(self._running) >= self.config.concurrency:
+            limit = self._claim_size()
+            if limit == 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            # Clearing the hint before the claim is safe per lane: whatever was notified
+            # before this point is committed, so this lane's claim sees it.
             self._wake.clear()
+            self._reserved += limit
             try:
                 claims = await self.queue.claim(
-                    self.name, list(self.kinds), limit=self._claim_size(),
+                    self.name, list(self.kinds), limit=limit,
                     lease_s=self.config.lease_s, scope_limit=self.config.scope_limit)
             except Unavailable as exc:
                 log.warning("cannot claim: %s", exc)
@@ -177,6 +195,8 @@ class Worker:
                 log.exception("claim failed")
                 self.errors += 1
                 claims = []
+            finally:
+                self._reserved -= limit
             self.metrics.claims(len(claims))
             if self.draining:  # claimed while the drain began: give them straight back
                 for claim in claims:
@@ -185,6 +205,7 @@ class Worker:
             for claim in claims:
                 task = asyncio.create_task(self._execute(claim), name=f"run {claim.task}")
                 self._running.add(task)
+                self._busy += 1
                 self._claims[task] = claim
                 task.add_done_callback(self._finished)
                 self.metrics.running.inc()
@@ -193,11 +214,12 @@ class Worker:
             await wait_event(self._wake, self.config.poll_s)
 
     def _claim_size(self) -> int:
-        """How many jobs to claim now: the free slots, but at most a quarter of them all at
-        once, so that tasks started together do not all end together and leave the
-        database idle while the next ones are claimed (claims, steps and ends overlap)."""
-        free = self.config.concurrency - len(self._running)
-        return max(1, min(free, -(-self.config.concurrency // 4)))
+        """How many jobs to claim now: the slots neither running a task nor reserved by the
+        other lane's claim in flight, but at most a quarter of them all at once, so that
+        tasks started together do not all end together and leave the database idle while
+        the next ones are claimed (claims, steps and ends overlap)."""
+        free = self.config.concurrency - self._busy - self._reserved
+        return max(0, min(free, -(-self.config.concurrency // 4)))
 
     async def _execute(self, claim: Claim) -> None:
         kind = self.kinds.get(claim.view["kind"])
@@ -222,6 +244,7 @@ class Worker:
             outcome = self.metrics.ran(kind.name, time.monotonic() - started, status, claim.view,
                                        ran[0].view)
             traced.ended(outcome, claim.view, ran[0].view)
+        self._free_slot(asyncio.current_task())  # the run is over: the next claim may have its slot
         if status is not None and status.terminal:
             try:
                 await self._releases.submit(claim.task)
@@ -232,12 +255,18 @@ class Worker:
         await deps.release(self.log, finished)
         return [None] * len(finished)
 
+    def _free_slot(self, task: asyncio.Task[Any] | None) -> None:
+        """Once per runner: its run is over (its dependents may still be being released)."""
+        if task is not None and task in self._claims:
+            del self._claims[task]  # nothing left to hand back at a drain
+            self._busy -= 1
+            self.metrics.running.dec()
+            self._slot_free.set()
+            self._wake.set()  # a scope or mutex slot may have opened
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
-        self._claims.pop(task, None)
-        self.metrics.running.dec()
-        self._slot_free.set()
-        self._wake.set()  # a scope or mutex slot may have opened
+        self._free_slot(task)
         if not task.cancelled() and task.exception() is not None:
             self.errors += 1
             log.error("task runner crashed", exc_info=task.exception())

@@ -197,6 +197,32 @@ async def test_a_per_scope_limit_holds_at_every_instant_under_concurrent_claims(
         assert most <= 2, scope
 
 
+async def test_a_worker_never_runs_more_than_its_concurrency_with_claims_overlapping(
+        event_log: EventLog, settings: Settings, database_url: str,
+        in_process: list[asyncio.Task[None]]) -> None:
+    """120 short tasks, concurrency 6, two claims in flight at a time: the worker holds at
+    most 6 leases at every instant (and reaches 6), and every task completes."""
+    tasks = [(await event_log.create(CreateTask("demo", "p", {"steps": 1, "step_ms": 15}))).task
+             for _ in range(120)]
+    worker = _start(settings, event_log, in_process, concurrency=6)
+    watcher = await asyncpg.connect(database_url)
+    peak = 0
+
+    async def all_done() -> bool:
+        nonlocal peak
+        held = await watcher.fetchval(
+            "SELECT count(*) FROM jobs WHERE state = 'running' AND lease_owner = $1", worker.name)
+        peak = max(peak, held)
+        done = await watcher.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'")
+        return bool(done == len(tasks))
+
+    try:
+        await eventually_async(all_done, within=60, poll_s=0.002)
+    finally:
+        await watcher.close()
+    assert peak == 6
+
+
 async def test_a_running_worker_trims_the_history_of_ended_tasks(
         event_log: EventLog, settings: Settings, in_process: list[asyncio.Task[None]]) -> None:
     """Retention runs by itself in the worker's maintenance loop: an ended task older than

@@ -9,7 +9,7 @@ projection is computed here by the pure fold (`events.fold`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -220,19 +220,26 @@ class EventLog:
 
     async def view_before(self, task: TaskId, version: int) -> View | None:
         """The task's view at `version` (None before its first event), rebuilt by the fold."""
-        if version == 0:
-            return None
+        return (await self.views_before({task: version}))[task]
+
+    async def views_before(self, versions: Mapping[TaskId, int]) -> dict[TaskId, View | None]:
+        """Each task's view at its version (None at 0), rebuilt by the fold from one read
+        of all their histories."""
+        views: dict[TaskId, View | None] = dict.fromkeys(versions)
+        wanted = {task: version for task, version in versions.items() if version > 0}
+        if not wanted:
+            return views
         async with db.acquire(self.pool) as conn:
-            rows = await conn.fetch(q("history_until"), task, version)
-        view: View | None = None
+            rows = await conn.fetch(q("histories_until"), list(wanted), list(wanted.values()))
         for row in rows:
             e = event_from_row(row)
             if row["snapshot"] is not None:  # retention trimmed what came before
                 view = dict(row["snapshot"])
             else:
-                view = apply(view, e.task, e.version, e.type, e.data, e.at)
+                view = apply(views[e.task], e.task, e.version, e.type, e.data, e.at)
             view["position"] = encode(e.position)
-        return view
+            views[e.task] = view
+        return views
 
     async def prune(self, older_than_s: float, *, limit: int = 1000) -> int:
         """Trim the history of tasks that ended more than `older_than_s` ago (each keeps its

@@ -38,11 +38,15 @@ class Projector:
         or the node's loop for every other task. Raises Unavailable (nothing is lost: the
         caller reads the same events again)."""
         out: list[Update] = []
+        rebuilt = await self._misses(events)
         for event in events:
             try:
                 before = self._views.get(event.task)
                 if before is None or before["version"] != event.version - 1:
-                    before = await self.log.view_before(event.task, event.version - 1)
+                    if event.task in rebuilt and _version(rebuilt[event.task]) == event.version - 1:
+                        before = rebuilt.pop(event.task)
+                    else:
+                        before = await self.log.view_before(event.task, event.version - 1)
                 view = apply(before, event.task, event.version, event.type, event.data, event.at)
                 view["position"] = encode(event.position)
                 encoded = update(event, view)
@@ -60,8 +64,35 @@ class Projector:
             out.append(encoded)
         return out
 
+    async def _misses(self, events: Sequence[Event]) -> dict[TaskId, View | None]:
+        """The views the cache lacks for `events`, rebuilt with one read (not one per task:
+        a backlog larger than the cache misses on every task)."""
+        wanted: dict[TaskId, int] = {}
+        for event in events:
+            if event.task in wanted:
+                continue
+            cached = self._views.get(event.task)
+            if cached is None or cached["version"] != event.version - 1:
+                wanted[event.task] = event.version - 1
+            else:
+                wanted[event.task] = -1  # a hit; later events of the task follow from it
+        wanted = {task: version for task, version in wanted.items() if version >= 0}
+        if not wanted:
+            return {}
+        try:
+            return await self.log.views_before(wanted)
+        except Unavailable:
+            raise
+        except Exception:  # one task's history cannot be folded: read each one alone
+            log.exception("cannot rebuild %d views at once; rebuilding them one by one", len(wanted))
+            return {}
+
     def _remember(self, task: TaskId, view: View) -> None:
         self._views[task] = view
         self._views.move_to_end(task)
         if len(self._views) > self.max_tasks:
             self._views.popitem(last=False)
+
+
+def _version(view: View | None) -> int:
+    return 0 if view is None else int(view["version"])

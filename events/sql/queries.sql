@@ -52,11 +52,19 @@ SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at
  ORDER BY e.version
  LIMIT $3;
 
--- name: history_until
+-- name: histories_until
+-- The events of each task $1[i] up to version $2[i], task by task in version order. Each
+-- task's are read through the (task_id, version) index: the lateral subquery, kept apart
+-- by OFFSET 0, cannot become a hash join, which a young `events` table without statistics
+-- would plan, reading the whole table once per call.
 SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at, e.snapshot
-  FROM events AS e
- WHERE e.task_id = $1 AND e.version <= $2
- ORDER BY e.version;
+  FROM unnest($1::text[], $2::integer[]) AS w(task_id, version)
+ CROSS JOIN LATERAL (
+        SELECT h.xid, h.seq, h.task_id, h.version, h.scope, h.type, h.data, h.at, h.snapshot
+          FROM events AS h
+         WHERE h.task_id = w.task_id AND h.version <= w.version
+        OFFSET 0) AS e
+ ORDER BY e.task_id, e.version;
 
 -- name: get_view
 SELECT t.view, t.version, e.xid, e.seq

@@ -1,0 +1,43 @@
+"""The projector: each event's update carries the task's view after it, cache or no cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from events.log import CreateTask, EventLog
+from events.model import EventType, NewEvent
+from events.relay.projector import Projector
+
+E = EventType
+
+
+async def _backlog(event_log: EventLog, tasks: int) -> None:
+    """`tasks` tasks, each created, started and given a step: three events apiece."""
+    for _ in range(tasks):
+        ack = await event_log.create(CreateTask("demo", "p"))
+        view = await event_log.view(ack.task)
+        await event_log.append(ack.task, view, [NewEvent(E.TASK_STARTED, {}),
+                                                NewEvent(E.STEP_STARTED, {"step": "a"})])
+
+
+async def test_a_backlog_larger_than_the_cache_gets_the_same_views_from_one_read(
+        event_log: EventLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight tasks' events read in the middle of each history, through a cache of two
+    views: every update equals a fresh projector's that folds the whole log, and the
+    views missing from the cache are rebuilt by one read of the log, not one per task."""
+    await _backlog(event_log, 8)
+    events = await event_log.read_after()
+    warm = Projector(event_log)
+    expected = await warm.updates(events)
+    cold = Projector(event_log, max_tasks=2)
+    reads: list[int] = []
+    views_before = event_log.views_before
+
+    async def counted(versions):  # type: ignore[no-untyped-def]
+        reads.append(len(versions))
+        return await views_before(versions)
+
+    monkeypatch.setattr(event_log, "views_before", counted)
+    later = [e for e in events if e.version > 1]  # the cache never saw these tasks' start
+    assert await cold.updates(later) == [u for u, e in zip(expected, events, strict=True) if e.version > 1]
+    assert reads == [8]

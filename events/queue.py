@@ -7,26 +7,18 @@ with, so a worker that lost its lease can write nothing (invariant 3).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import asyncpg
 
 from events import db
-from events.commit import Append, Stored, append_batch, prepare, view_after
-from events.errors import TaskcastError
 from events.fold import View
-from events.ids import FenceToken, TaskId
-from events.model import EventType, NewEvent, Status
+from events.ids import FenceToken, TaskId, encode, position
 from events.sql import q
 
 log = logging.getLogger("taskcast.queue")
-
-
-_STARTING = frozenset({Status.QUEUED.value, Status.RETRYING.value})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,19 +30,12 @@ class Claim:
     view: View
 
 
-def _start(claim: Claim, worker: str) -> Append:
-    data = {"worker": worker, "attempt": claim.view.get("attempt", 1)}
-    return prepare(claim.task, claim.view, [NewEvent(EventType.TASK_STARTED, data)],
-                   datetime.now(UTC), fence=claim.fence)
-
-
-def _started(claim: Claim, start: Append, written: Stored | TaskcastError) -> Claim:
-    """The claim with its view after `task.started`; as it was when that append failed
-    (the runner then writes `task.started` itself)."""
-    if isinstance(written, TaskcastError):
-        log.warning("claimed %s but could not start it in the claim: %s", claim.task, written)
-        return claim
-    return dataclasses.replace(claim, view=view_after(start, written))
+def _positioned(row: asyncpg.Record) -> View:
+    """The claimed view; after the claim's `task.started`, at that event's position."""
+    view: View = row["view"]
+    if row["seq"] is not None:
+        view["position"] = encode(position(row["xid"], row["seq"]))
+    return view
 
 
 class Queue:
@@ -62,20 +47,17 @@ class Queue:
                     scope_limit: int | None = None) -> list[Claim]:
         """Lease up to `limit` runnable jobs of `kinds` (SKIP LOCKED: claimers never wait
         on each other), at most `scope_limit` running per scope, and start them: the
-        `task.started` of each task that was queued is appended in the claim's transaction,
-        so a claim and its start are one commit. Raises Unavailable."""
+        `task.started` of each task that was queued is appended by the same statement
+        (taskcast_claim_start), so a claim and its start are one commit and one round
+        trip. Raises Unavailable."""
         async with db.acquire(self.pool) as conn:
             with db.translate():
-                async with conn.transaction():
-                    rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s, scope_limit)
-                    claims = [Claim(TaskId(r["task_id"]), FenceToken(r["fence"]), r["attempt"],
-                                    r["cancel_requested"], r["view"]) for r in rows]
-                    starts = {c.task: _start(c, owner) for c in claims if c.view["status"] in _STARTING}
-                    written = await append_batch(conn, list(starts.values())) if starts else []
-        if written and self.on_append is not None:
+                rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s, scope_limit)
+        claims = [Claim(TaskId(r["task_id"]), FenceToken(r["fence"]), r["attempt"],
+                        r["cancel_requested"], _positioned(r)) for r in rows]
+        if self.on_append is not None and any(r["seq"] is not None for r in rows):
             self.on_append()
-        started = dict(zip(starts, written, strict=True))
-        return [_started(c, starts[c.task], started[c.task]) if c.task in started else c for c in claims]
+        return claims
 
     async def heartbeat(self, leases: Mapping[TaskId, FenceToken], lease_s: float) -> dict[TaskId, bool]:
         """Extend the leases still held, in one statement: each one's cancel flag. A task

@@ -86,8 +86,8 @@ SELECT k.task_id, k.status, k.xid, k.seq
  WHERE k.principal = $1 AND k.key = $2 AND k.created_at >= now() - interval '24 hours';
 
 -- name: claim
-SELECT task_id, fence, attempt, cancel_requested, view, version
-  FROM taskcast_claim($1, $2, $3, $4, $5);
+SELECT task_id, fence, attempt, cancel_requested, view, version, xid, seq
+  FROM taskcast_claim_start($1, $2, $3, $4, $5);
 
 -- name: heartbeat
 -- Extend the leases ($1 tasks, $2 their fences) still held, in task order (the lock order of

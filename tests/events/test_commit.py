@@ -11,16 +11,15 @@ import textwrap
 from datetime import UTC, datetime
 
 import asyncpg
-import pytest
 
 from events import db, decide
 from events.commit import Append, Batcher, append_batch
 from events.errors import DuplicateKey, NotFound, StaleFence, Unavailable, VersionConflict
 from events.fold import View, apply
-from events.ids import TaskId
+from events.ids import TaskId, encode
 from events.kinds import builtin
 from events.log import CreateTask, EventLog
-from events.model import EventType, NewEvent
+from events.model import EventType, JobChange, NewEvent
 from events.queue import Queue
 from events.runtime import RunContext, run_claim
 from tests.waiting import eventually_async
@@ -139,7 +138,7 @@ WRITER = textwrap.dedent("""
     import asyncio, sys
     from events import db, decide
     from events.log import EventLog
-    from events.model import EventType, NewEvent
+    from events.model import EventType, JobChange, NewEvent
 
     async def main(url, tasks):
         pool = await db.create_pool(url, min_size=2, max_size=4)
@@ -208,15 +207,26 @@ async def test_kill_9_during_group_commits_loses_nothing_acked_and_writes_nothin
         assert steps == [f"s{n}" for n in range(1, len(steps) + 1)]
 
 
-@pytest.mark.parametrize("n", [1])
-async def test_the_claim_starts_what_it_claims_in_the_same_transaction(event_log: EventLog, n: int) -> None:
-    """A claimed task is already `running`, its `task.started` committed with the claim."""
+async def test_the_claim_starts_what_it_claims_with_the_fold_of_task_started(event_log: EventLog) -> None:
+    """A claimed task is already `running`, its `task.started` written by the claim's own
+    statement; the view the claim folds in SQL is the one events/fold.py folds, for a
+    queued task and for a retrying one, and it is the stored view at that event's position."""
     ack = await event_log.create(CreateTask("demo", "p"))
-    (claim,) = await Queue(event_log.pool).claim("w", ["demo"], limit=n, lease_s=30)
-    assert claim.view["status"] == "running" and claim.view["position"] is not None
-    events = await event_log.history(ack.task)
-    assert [e.type for e in events] == [E.TASK_CREATED, E.TASK_STARTED]
-    assert events[1].data == {"worker": "w", "attempt": 1}
+    queue = Queue(event_log.pool)
+    for attempt in (1, 2):
+        before = await event_log.view(ack.task)
+        (claim,) = await queue.claim("w", ["demo"], limit=5, lease_s=30)
+        started = (await event_log.history(ack.task))[-1]
+        assert (started.type, started.data) == (E.TASK_STARTED, {"worker": "w", "attempt": attempt})
+        folded = apply(before, ack.task, started.version, E.TASK_STARTED, started.data, started.at)
+        folded["position"] = encode(started.position)
+        assert claim.view == folded == await event_log.view(ack.task)
+        assert claim.view["status"] == "running" and claim.attempt == attempt
+        if attempt == 2:
+            break
+        retry = NewEvent(E.TASK_RETRYING, {"attempt": 2, "delay_s": 0, "reason": "again"})
+        await event_log.append(ack.task, claim.view, [retry], fence=claim.fence,
+                               job_state=JobChange.QUEUED, run_at=datetime.now(UTC))
 
 
 async def test_two_appends_under_one_key_at_once_never_fail_their_batch(event_log: EventLog) -> None:

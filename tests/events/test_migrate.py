@@ -28,8 +28,8 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
     assert tables == {"tasks", "events", "jobs", "command_keys", "relay_cursor", "retention",
                       "task_dependencies", "task_traces", "taskcast_migrations"}
     assert functions == {"taskcast_append_batch", "taskcast_create_batch", "taskcast_claim",
-                         "taskcast_remember_key", "taskcast_announce", "taskcast_events_announced",
-                         "taskcast_writers", "taskcast_used_keys"}
+                         "taskcast_claim_start", "taskcast_remember_key", "taskcast_announce",
+                         "taskcast_events_announced", "taskcast_writers", "taskcast_used_keys"}
     assert columns["xid"] == "xid8" and columns["data"] == "jsonb"
     assert triggers == {"events_announced"}
 

@@ -21,6 +21,14 @@ DECLARE
     -- The protocol's timestamp form (events/clock.py: milliseconds, truncated, `Z`).
     v_stamp text := to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"');
 BEGIN
+    -- Nothing due, nothing announced. An empty claim (two lanes per worker, every worker
+    -- woken by every create: most claims are) would otherwise hold the readers' bound
+    -- (events/bound.py) until it ends, and holding back the events others just committed,
+    -- while its own end wakes no reader: their delivery waited for the relay's next poll.
+    IF NOT EXISTS (SELECT 1 FROM jobs AS j
+                    WHERE j.state = 'queued' AND j.run_at <= now() AND j.kind = ANY (p_kinds)) THEN
+        RETURN;
+    END IF;
     -- Invariant 10: announced before the claim's row locks assign the transaction's xid.
     IF current_setting('taskcast.writer', true) IS DISTINCT FROM 'on' THEN
         PERFORM taskcast_announce();

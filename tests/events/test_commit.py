@@ -229,6 +229,27 @@ async def test_the_claim_starts_what_it_claims_with_the_fold_of_task_started(eve
                                job_state=JobChange.QUEUED, run_at=datetime.now(UTC))
 
 
+CLAIM = "SELECT * FROM taskcast_claim_start('w', '{demo}', 4, 30, NULL)"
+MINE = "SELECT count(*) FROM taskcast_writers() WHERE pid = pg_backend_pid()"
+
+
+async def test_a_claim_that_finds_nothing_due_holds_no_reader_back(
+        event_log: EventLog, database_url: str) -> None:
+    """A claim on a queue with nothing due (most claims: every create wakes every lane)
+    is no announced writer: while it is in flight, readers' bound is not held at it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            assert await conn.fetch(CLAIM) == []
+            assert await conn.fetchval(MINE) == 0
+        await event_log.create(CreateTask("demo", "p"))  # now one is due: the claim announces
+        async with conn.transaction():
+            assert len(await conn.fetch(CLAIM)) == 1
+            assert await conn.fetchval(MINE) == 1
+    finally:
+        await conn.close()
+
+
 async def test_two_appends_under_one_key_at_once_never_fail_their_batch(event_log: EventLog) -> None:
     """Two commands sent at once under one key (a client retrying on another socket) never
     share a batch: one is applied, the other is refused as a used key, and the task beside

@@ -92,7 +92,9 @@ class KindSpec:
     a failure, how many attempts a retryable failure gets, an optional queue `mutex` (jobs
     with the same one run one at a time), and an optional `validate(input)`: a cheap, pure
     check the node runs before the `create` is acked, raising `events.errors.BadRequest`
-    naming the field (`input.steps`), so a task that can never run is refused at once."""
+    naming the field (`input.steps`), so a task that can never run is refused at once.
+    `max_running` caps how many tasks of the kind one worker runs at once, below its
+    concurrency (None: only the concurrency): for kinds whose steps are processes."""
 
     name: str
     run: Run
@@ -100,6 +102,7 @@ class KindSpec:
     max_attempts: int = 3
     mutex: Callable[[dict[str, Any]], str | None] | None = None
     validate: Validate | None = None
+    max_running: int | None = None
 
 
 def as_kind(name: str, obj: object) -> KindSpec:

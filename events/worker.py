@@ -5,7 +5,9 @@ Named loops, watched by one TaskGroup (a loop that dies stops the worker):
   claimer (a coalesced hint); a cancel notification reaches the task's context at once.
 - `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth);
   two lanes claim at once, each up to a quarter of the free slots, so claims overlap.
-  A slot is free when its run ends (its dependents are released after).
+  A slot is free when its run ends (its dependents are released after). A kind with a
+  `max_running` of its own (the built-in kinds that run processes) is claimed only while
+  it has room, and then no more at once than that room (`Slots`).
 - `maintain`: a round of the janitor (events/janitor.py) every `maintain_every_s`: leases
   expired, deadlines of tasks whose worker died, dependencies, retention.
 - `heartbeat`: every third of the lease, one statement extends the leases of every task
@@ -25,7 +27,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,10 +52,11 @@ CLAIM_LANES = 2  # claims in flight at once
 @dataclass(frozen=True)
 class WorkerConfig:
     # Tasks running at once. They share the process's group commits: the more run, the
-    # fuller each batch and the cheaper each write (bench/drain.py: 1 worker on 2 cores,
-    # one-step tasks, ~1,000 tasks/s at 64, ~1,400 at 128, ~1,800 at 256). The built-in
-    # kinds that run processes (shell, git, agents) want fewer: set it per worker.
-    concurrency: int = 64
+    # fuller each batch and the cheaper each write (bench/drain.py, 1 worker on 2 cores,
+    # 10,000 one-step tasks, alternated: ~1,560-1,830 tasks/s at 64, ~1,750-1,780 at 128,
+    # ~2,390-2,530 at 256). The built-in kinds that run processes each run at most
+    # events.kinds.PROCESS_KINDS_RUNNING at once whatever this is (KindSpec.max_running).
+    concurrency: int = 256
     lease_s: float = 30.0
     poll_s: float = 1.0
     maintain_every_s: float = 2.0
@@ -63,6 +67,53 @@ class WorkerConfig:
     drain_grace_s: float = 10.0  # at SIGTERM, how long running tasks may take to finish
     stop_s: float = 5.0  # a drained runner's time to stop, and a hand-back's to commit
     workspace_root: str = ""  # scopes' directories for the built-in kinds (events.kinds.workspace)
+
+
+class Slots:
+    """A worker's slots: `concurrency` in all, and `caps` for the kinds limited on their
+    own (KindSpec.max_running). A slot is held by a run until it ends, or reserved by a
+    claim in flight, which may fill every slot it asked for."""
+
+    def __init__(self, concurrency: int, caps: Mapping[str, int]) -> None:
+        self.concurrency = concurrency
+        self.caps = {kind: min(cap, concurrency) for kind, cap in caps.items()}
+        self.held: Counter[str] = Counter()  # by kind, and "" for all
+        self.reserved: Counter[str] = Counter()
+
+    def plan(self, kinds: Iterable[str]) -> tuple[list[str], int]:
+        """What to claim now: the kinds with room, and how many jobs. That is the free
+        slots, but at most a quarter of them all at once (tasks started together would end
+        together and leave the database idle while the next ones are claimed), and no more
+        than any limited kind among them has room for."""
+        limit = min(self._room(""), -(-self.concurrency // 4))
+        claimable = []
+        for kind in kinds:
+            if kind in self.caps:
+                room = self._room(kind)
+                if room <= 0:
+                    continue
+                limit = min(limit, room)
+            claimable.append(kind)
+        return (claimable, max(0, limit)) if claimable else ([], 0)
+
+    def _room(self, kind: str) -> int:
+        cap = self.concurrency if kind == "" else self.caps[kind]
+        return cap - self.held[kind] - self.reserved[kind]
+
+    def reserve(self, kinds: Iterable[str], n: int) -> None:
+        """Reserve `n` slots for a claim of `kinds` (a negative `n` gives them back)."""
+        self.reserved[""] += n
+        for kind in kinds:
+            if kind in self.caps:
+                self.reserved[kind] += n
+
+    def take(self, kind: str) -> None:
+        self.held[""] += 1
+        self.held[kind] += 1
+
+    def free(self, kind: str) -> None:
+        self.held[""] -= 1
+        self.held[kind] -= 1
 
 
 class Worker:
@@ -81,8 +132,8 @@ class Worker:
         self.draining = False
         self._contexts: dict[TaskId, RunContext] = {}
         self._slot_free = asyncio.Event()
-        self._busy = 0  # slots held by runs not over yet
-        self._reserved = 0  # slots the claims in flight may fill
+        self.slots = Slots(config.concurrency, {k.name: k.max_running for k in kinds.values()
+                                                if k.max_running is not None})
         self.listening = asyncio.Event()
         self.errors = 0  # failures a loop survived (logged with their item)
         self.metrics = metrics or WorkerMetrics(log_.pool)  # one for all the workers of a process
@@ -174,7 +225,7 @@ class Worker:
             raise_if_cancelling()  # the waits below have no deadline
             if self.draining:
                 await asyncio.Event().wait()  # claims nothing more; cancelled at stop
-            limit = self._claim_size()
+            kinds, limit = self.slots.plan(self.kinds)
             if limit == 0:
                 self._slot_free.clear()
                 await self._slot_free.wait()
@@ -182,10 +233,10 @@ class Worker:
             # Clearing the hint before the claim is safe per lane: whatever was notified
             # before this point is committed, so this lane's claim sees it.
             self._wake.clear()
-            self._reserved += limit
+            self.slots.reserve(kinds, limit)
             try:
                 claims = await self.queue.claim(
-                    self.name, list(self.kinds), limit=limit,
+                    self.name, kinds, limit=limit,
                     lease_s=self.config.lease_s, scope_limit=self.config.scope_limit)
             except Unavailable as exc:
                 log.warning("cannot claim: %s", exc)
@@ -196,7 +247,7 @@ class Worker:
                 self.errors += 1
                 claims = []
             finally:
-                self._reserved -= limit
+                self.slots.reserve(kinds, -limit)
             self.metrics.claims(len(claims))
             if self.draining:  # claimed while the drain began: give them straight back
                 for claim in claims:
@@ -205,21 +256,13 @@ class Worker:
             for claim in claims:
                 task = asyncio.create_task(self._execute(claim), name=f"run {claim.task}")
                 self._running.add(task)
-                self._busy += 1
+                self.slots.take(claim.view["kind"])
                 self._claims[task] = claim
                 task.add_done_callback(self._finished)
                 self.metrics.running.inc()
             if claims:
                 continue  # there may be more
             await wait_event(self._wake, self.config.poll_s)
-
-    def _claim_size(self) -> int:
-        """How many jobs to claim now: the slots neither running a task nor reserved by the
-        other lane's claim in flight, but at most a quarter of them all at once, so that
-        tasks started together do not all end together and leave the database idle while
-        the next ones are claimed (claims, steps and ends overlap)."""
-        free = self.config.concurrency - self._busy - self._reserved
-        return max(0, min(free, -(-self.config.concurrency // 4)))
 
     async def _execute(self, claim: Claim) -> None:
         kind = self.kinds.get(claim.view["kind"])
@@ -258,8 +301,8 @@ class Worker:
     def _free_slot(self, task: asyncio.Task[Any] | None) -> None:
         """Once per runner: its run is over (its dependents may still be being released)."""
         if task is not None and task in self._claims:
-            del self._claims[task]  # nothing left to hand back at a drain
-            self._busy -= 1
+            claim = self._claims.pop(task)  # nothing left to hand back at a drain
+            self.slots.free(claim.view["kind"])
             self.metrics.running.dec()
             self._slot_free.set()
             self._wake.set()  # a scope or mutex slot may have opened

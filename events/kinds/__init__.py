@@ -14,16 +14,23 @@ The built-in kinds touch the disk only inside their task's scope directory under
 workspace root (`events.kinds.workspace`), and their child processes belong to their task
 attempt (`events.attempt`). They take no queue `mutex`: actions on one repository are
 serialized by the worker, which alone can see which paths name the same one
-(`events.kinds.repolock`).
+(`events.kinds.repolock`). Each runs at most PROCESS_KINDS_RUNNING at once per worker
+(`KindSpec.max_running`), below the worker's concurrency, which short tasks want high.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Sequence
 
 from events.kind import KindSpec, TaskContext, as_kind
 
 __all__ = ["KindSpec", "TaskContext", "as_kind", "builtin"]
+
+# How many tasks of each built-in kind that runs processes (all but `demo`) one worker runs
+# at once, whatever its concurrency: twice the cores keeps them busy without thrashing.
+PROCESS_KINDS_RUNNING = 2 * (os.cpu_count() or 1)
 
 
 def builtin(shell_allow: Sequence[str] = (), *, clone_roots: Sequence[str] = ()) -> dict[str, KindSpec]:
@@ -37,6 +44,7 @@ def builtin(shell_allow: Sequence[str] = (), *, clone_roots: Sequence[str] = ())
     from events.kinds.repo import REBASE_BRANCH, REGISTER_BRANCH, RESTACK, SYNC
     from events.kinds.shell import make_shell
 
-    kinds = (DEMO, PROVISION, make_clone(clone_roots), SYNC, REBASE_BRANCH, RESTACK, REGISTER_BRANCH,
-             make_shell(list(shell_allow)))
+    processes = (PROVISION, make_clone(clone_roots), SYNC, REBASE_BRANCH, RESTACK, REGISTER_BRANCH,
+                 make_shell(list(shell_allow)))
+    kinds = (DEMO, *(dataclasses.replace(k, max_running=PROCESS_KINDS_RUNNING) for k in processes))
     return {k.name: k for k in kinds}

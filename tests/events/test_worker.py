@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -221,6 +222,36 @@ async def test_a_worker_never_runs_more_than_its_concurrency_with_claims_overlap
     finally:
         await watcher.close()
     assert peak == 6
+
+
+async def test_a_kind_with_its_own_cap_never_passes_it_while_others_fill_the_worker(
+        event_log: EventLog, settings: Settings, database_url: str,
+        in_process: list[asyncio.Task[None]]) -> None:
+    """A kind capped at 2 (as the built-in kinds that run processes are) beside an uncapped
+    one, concurrency 8: never more than 2 of it at once, the other kind takes the rest
+    of the slots meanwhile, and every task completes."""
+    kinds = builtin()
+    kinds["capped"] = dataclasses.replace(kinds["demo"], name="capped", max_running=2)
+    worker = Worker(settings.database_url, event_log, kinds, WorkerConfig(concurrency=8))
+    tasks = [(await event_log.create(CreateTask(kind, "p", {"steps": 1, "step_ms": 40}))).task
+             for _ in range(30) for kind in ("capped", "demo")]
+    in_process.append(asyncio.create_task(worker.run(), name="worker"))
+    watcher = await asyncpg.connect(database_url)
+    peak: dict[str, int] = defaultdict(int)
+
+    async def all_done() -> bool:
+        rows = await watcher.fetch("SELECT kind, count(*) AS n FROM jobs WHERE state = 'running' "
+                                   "GROUP BY ROLLUP (kind)")
+        for row in rows:
+            peak[row["kind"] or "all"] = max(peak[row["kind"] or "all"], row["n"])
+        done = await watcher.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'")
+        return bool(done == len(tasks))
+
+    try:
+        await eventually_async(all_done, within=60, poll_s=0.002)
+    finally:
+        await watcher.close()
+    assert peak["capped"] == 2 and peak["demo"] >= 6 and peak["all"] <= 8, dict(peak)
 
 
 async def test_a_running_worker_trims_the_history_of_ended_tasks(

@@ -104,6 +104,10 @@ class KindSpec:
     validate: Validate | None = None
     max_running: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.max_running is not None and (not isinstance(self.max_running, int) or self.max_running < 1):
+            raise ValueError(f"kind {self.name}: max_running must be a positive integer or None")
+
 
 def as_kind(name: str, obj: object) -> KindSpec:
     """A KindSpec from a plugin's attribute. Raises TypeError."""

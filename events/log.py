@@ -219,27 +219,46 @@ class EventLog:
         return [event_from_row(r) for r in rows]
 
     async def view_before(self, task: TaskId, version: int) -> View | None:
-        """The task's view at `version` (None before its first event), rebuilt by the fold."""
-        return (await self.views_before({task: version}))[task]
+        """The task's view at `version` (None before its first event), rebuilt by the fold.
+        Raises what the fold raises for a history it cannot fold."""
+        views, broken = await self._rebuild({task: version})
+        if task in broken:
+            raise broken[task]
+        return views[task]
 
     async def views_before(self, versions: Mapping[TaskId, int]) -> dict[TaskId, View | None]:
         """Each task's view at its version (None at 0), rebuilt by the fold from one read
-        of all their histories."""
+        of all their histories. A task whose history cannot be folded is left out: its own
+        problem (`view_before` raises it), not the others'."""
+        views, _ = await self._rebuild(versions)
+        return views
+
+    async def _rebuild(self, versions: Mapping[TaskId, int]) -> tuple[dict[TaskId, View | None],
+                                                                       dict[TaskId, Exception]]:
         views: dict[TaskId, View | None] = dict.fromkeys(versions)
+        broken: dict[TaskId, Exception] = {}
         wanted = {task: version for task, version in versions.items() if version > 0}
         if not wanted:
-            return views
+            return views, broken
         async with db.acquire(self.pool) as conn:
             rows = await conn.fetch(q("histories_until"), list(wanted), list(wanted.values()))
         for row in rows:
-            e = event_from_row(row)
-            if row["snapshot"] is not None:  # retention trimmed what came before
-                view = dict(row["snapshot"])
-            else:
-                view = apply(views[e.task], e.task, e.version, e.type, e.data, e.at)
-            view["position"] = encode(e.position)
+            task = TaskId(row["task_id"])
+            if task in broken:
+                continue
+            try:
+                e = event_from_row(row)
+                if row["snapshot"] is not None:  # retention trimmed what came before
+                    view = dict(row["snapshot"])
+                else:
+                    view = apply(views[e.task], e.task, e.version, e.type, e.data, e.at)
+                view["position"] = encode(e.position)
+            except Exception as exc:
+                broken[task] = exc
+                del views[task]
+                continue
             views[e.task] = view
-        return views
+        return views, broken
 
     async def prune(self, older_than_s: float, *, limit: int = 1000) -> int:
         """Trim the history of tasks that ended more than `older_than_s` ago (each keeps its

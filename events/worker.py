@@ -4,7 +4,8 @@ Named loops, watched by one TaskGroup (a loop that dies stops the worker):
 - `listen`: LISTEN taskcast_jobs and taskcast_cancel. A job notification only wakes the
   claimer (a coalesced hint); a cancel notification reaches the task's context at once.
 - `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth);
-  two lanes claim at once, each up to a quarter of the free slots, so claims overlap.
+  two lanes claim at once, each up to the free slots but a quarter of the concurrency
+  at most, so claims overlap.
   A slot is free when its run ends (its dependents are released after). A kind with a
   `max_running` of its own (the built-in kinds that run processes) is claimed only while
   it has room, and then no more at once than that room (`Slots`).
@@ -28,7 +29,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,11 @@ class WorkerConfig:
 class Slots:
     """A worker's slots: `concurrency` in all, and `caps` for the kinds limited on their
     own (KindSpec.max_running). A slot is held by a run until it ends, or reserved by a
-    claim in flight, which may fill every slot it asked for."""
+    claim in flight, which may fill every slot it asked for.
+
+    The kinds are claimed in two groups: those without a cap of their own, up to the free
+    slots, and those with one, up to the least room among them (the claim cannot limit
+    each kind apart), so a nearly full capped kind never shrinks the other kinds' claims."""
 
     def __init__(self, concurrency: int, caps: Mapping[str, int]) -> None:
         self.concurrency = concurrency
@@ -80,21 +85,33 @@ class Slots:
         self.held: Counter[str] = Counter()  # by kind, and "" for all
         self.reserved: Counter[str] = Counter()
 
-    def plan(self, kinds: Iterable[str]) -> tuple[list[str], int]:
-        """What to claim now: the kinds with room, and how many jobs. That is the free
-        slots, but at most a quarter of them all at once (tasks started together would end
-        together and leave the database idle while the next ones are claimed), and no more
-        than any limited kind among them has room for."""
+    def groups(self, kinds: Iterable[str]) -> list[list[str]]:
+        """The kinds without a cap of their own, and those with one (empty groups left out)."""
+        kinds = list(kinds)
+        split = [[k for k in kinds if k not in self.caps], [k for k in kinds if k in self.caps]]
+        return [group for group in split if group]
+
+    def plan(self, group: Sequence[str]) -> tuple[list[str], int]:
+        """What to claim of `group` now: its kinds with room, and how many jobs. That is
+        the free slots, but at most a quarter of them all at once (tasks started together
+        would end together and leave the database idle while the next ones are claimed),
+        and no more than any capped kind claimed has room for."""
         limit = min(self._room(""), -(-self.concurrency // 4))
         claimable = []
-        for kind in kinds:
+        for kind in group:
             if kind in self.caps:
                 room = self._room(kind)
                 if room <= 0:
                     continue
                 limit = min(limit, room)
             claimable.append(kind)
-        return (claimable, max(0, limit)) if claimable else ([], 0)
+        return (claimable, limit) if claimable and limit > 0 else ([], 0)
+
+    def contended(self) -> bool:
+        """Whether a claim in flight holds the only room some kind has (it may give it back)."""
+        return self.reserved[""] > 0 and (
+            self.concurrency - self.held[""] > 0 >= self._room("")
+            or any(self.caps[k] - self.held[k] > 0 >= self._room(k) for k in self.caps))
 
     def _room(self, kind: str) -> int:
         cap = self.concurrency if kind == "" else self.caps[kind]
@@ -107,13 +124,15 @@ class Slots:
             if kind in self.caps:
                 self.reserved[kind] += n
 
-    def take(self, kind: str) -> None:
+    def take(self, kind: str | None) -> None:
         self.held[""] += 1
-        self.held[kind] += 1
+        if kind in self.caps:
+            self.held[kind] += 1
 
-    def free(self, kind: str) -> None:
+    def free(self, kind: str | None) -> None:
         self.held[""] -= 1
-        self.held[kind] -= 1
+        if kind in self.caps:
+            self.held[kind] -= 1
 
 
 class Worker:
@@ -221,48 +240,65 @@ class Worker:
                 tg.create_task(self._claim_lane(), name=f"worker.claim.{lane}")
 
     async def _claim_lane(self) -> None:
+        groups = self.slots.groups(self.kinds)
         while True:
             raise_if_cancelling()  # the waits below have no deadline
             if self.draining:
                 await asyncio.Event().wait()  # claims nothing more; cancelled at stop
-            kinds, limit = self.slots.plan(self.kinds)
-            if limit == 0:
+            if not any(self.slots.plan(group)[1] for group in groups):
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
             # Clearing the hint before the claim is safe per lane: whatever was notified
-            # before this point is committed, so this lane's claim sees it.
-            self._wake.clear()
-            self.slots.reserve(kinds, limit)
-            try:
-                claims = await self.queue.claim(
-                    self.name, kinds, limit=limit,
-                    lease_s=self.config.lease_s, scope_limit=self.config.scope_limit)
-            except Unavailable as exc:
-                log.warning("cannot claim: %s", exc)
-                claims = []
-            except Exception:
-                # Invariant 9: no one job or query stops the loop; back off and go on.
-                log.exception("claim failed")
-                self.errors += 1
-                claims = []
-            finally:
-                self.slots.reserve(kinds, -limit)
-            self.metrics.claims(len(claims))
-            if self.draining:  # claimed while the drain began: give them straight back
-                for claim in claims:
-                    await self.queue.hand_back(claim.task, claim.fence)
-                continue
-            for claim in claims:
-                task = asyncio.create_task(self._execute(claim), name=f"run {claim.task}")
-                self._running.add(task)
-                self.slots.take(claim.view["kind"])
-                self._claims[task] = claim
-                task.add_done_callback(self._finished)
-                self.metrics.running.inc()
-            if claims:
+            # before this point is committed, so this lane's claims see it. Unless a kind
+            # is left out only while the other lane's claim holds its room: its job may be
+            # what the hint was for, so the hint stays for the next round.
+            if not self.slots.contended():
+                self._wake.clear()
+            claimed = 0
+            for group in groups:  # each planned as its turn comes: the other lane moves on
+                kinds, limit = self.slots.plan(group)
+                if limit:
+                    claimed += await self._claim(kinds, limit)
+            if claimed:
                 continue  # there may be more
             await wait_event(self._wake, self.config.poll_s)
+
+    async def _claim(self, kinds: list[str], limit: int) -> int:
+        """Claim up to `limit` jobs of `kinds` and start running them; how many."""
+        self.slots.reserve(kinds, limit)
+        try:
+            claims = await self.queue.claim(
+                self.name, kinds, limit=limit,
+                lease_s=self.config.lease_s, scope_limit=self.config.scope_limit)
+        except Unavailable as exc:
+            log.warning("cannot claim: %s", exc)
+            claims = []
+        except Exception:
+            # Invariant 9: no one job or query stops the loop; back off and go on.
+            log.exception("claim failed")
+            self.errors += 1
+            claims = []
+        finally:
+            self.slots.reserve(kinds, -limit)
+            self._slot_free.set()  # what the claim did not fill is free again
+        self.metrics.claims(len(claims))
+        if self.draining:  # claimed while the drain began: give them straight back
+            for claim in claims:
+                try:
+                    async with asyncio.timeout(self.config.stop_s):
+                        await self.queue.hand_back(claim.task, claim.fence)
+                except (TaskcastError, TimeoutError) as exc:  # its lease expires instead
+                    log.warning("cannot hand %s back: %s", claim.task, exc)
+            return 0
+        for claim in claims:
+            self.slots.take(claim.view.get("kind"))
+            task = asyncio.create_task(self._execute(claim), name=f"run {claim.task}")
+            self._claims[task] = claim
+            self._running.add(task)
+            task.add_done_callback(self._finished)
+            self.metrics.running.inc()
+        return len(claims)
 
     async def _execute(self, claim: Claim) -> None:
         kind = self.kinds.get(claim.view["kind"])
@@ -302,7 +338,7 @@ class Worker:
         """Once per runner: its run is over (its dependents may still be being released)."""
         if task is not None and task in self._claims:
             claim = self._claims.pop(task)  # nothing left to hand back at a drain
-            self.slots.free(claim.view["kind"])
+            self.slots.free(claim.view.get("kind"))
             self.metrics.running.dec()
             self._slot_free.set()
             self._wake.set()  # a scope or mutex slot may have opened

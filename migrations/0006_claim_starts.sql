@@ -6,7 +6,7 @@
 -- back. `task.started` folds trivially (the status becomes `running`, `version`,
 -- `updated_at` and `started_at` move; events/fold.py), so the claim now writes it itself:
 -- the claim and its starts are still one commit, and the worker runs one statement.
--- tests/events/test_queue.py checks this fold against events/fold.py's.
+-- tests/events/test_commit.py checks this fold against events/fold.py's.
 
 CREATE FUNCTION taskcast_claim_start(
     p_owner        text,
@@ -20,10 +20,16 @@ LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
     -- The protocol's timestamp form (events/clock.py: milliseconds, truncated, `Z`).
     v_stamp text := to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"');
+    v_tasks text[];
+    v_fences bigint[];
+    v_attempts integer[];
+    v_cancels boolean[];
+    v_views jsonb[];
+    v_versions integer[];
 BEGIN
     -- Nothing due, nothing announced. An empty claim (two lanes per worker, every worker
     -- woken by every create: most claims are) would otherwise hold the readers' bound
-    -- (events/bound.py) until it ends, and holding back the events others just committed,
+    -- (events/bound.py) until it ends, holding back the events others just committed,
     -- while its own end wakes no reader: their delivery waited for the relay's next poll.
     IF NOT EXISTS (SELECT 1 FROM jobs AS j
                     WHERE j.state = 'queued' AND j.run_at <= now() AND j.kind = ANY (p_kinds)) THEN
@@ -33,10 +39,20 @@ BEGIN
     IF current_setting('taskcast.writer', true) IS DISTINCT FROM 'on' THEN
         PERFORM taskcast_announce();
     END IF;
+    -- The claim first, in a statement of its own: the start below must see, in a snapshot
+    -- of its own, every task the claim took (one created while the claim ran included).
+    SELECT array_agg(c.task_id), array_agg(c.fence), array_agg(c.attempt),
+           array_agg(c.cancel_requested), array_agg(c.view), array_agg(c.version)
+      INTO v_tasks, v_fences, v_attempts, v_cancels, v_views, v_versions
+      FROM taskcast_claim(p_owner, p_kinds, p_limit, p_lease_s, p_scope_limit) AS c;
+    IF v_tasks IS NULL THEN
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH claimed AS (
         SELECT c.task_id, c.fence, c.attempt, c.cancel_requested, c.view, c.version
-          FROM taskcast_claim(p_owner, p_kinds, p_limit, p_lease_s, p_scope_limit) AS c
+          FROM unnest(v_tasks, v_fences, v_attempts, v_cancels, v_views, v_versions)
+               AS c (task_id, fence, attempt, cancel_requested, view, version)
     ), starting AS (  -- a task that was queued or retrying starts now; one rescued runs on
         SELECT c.task_id, c.version + 1 AS version, t.scope,
                c.view || jsonb_build_object('status', 'running', 'version', c.version + 1,

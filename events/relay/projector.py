@@ -77,15 +77,7 @@ class Projector:
             else:
                 wanted[event.task] = -1  # a hit; later events of the task follow from it
         wanted = {task: version for task, version in wanted.items() if version >= 0}
-        if not wanted:
-            return {}
-        try:
-            return await self.log.views_before(wanted)
-        except Unavailable:
-            raise
-        except Exception:  # one task's history cannot be folded: read each one alone
-            log.exception("cannot rebuild %d views at once; rebuilding them one by one", len(wanted))
-            return {}
+        return await self.log.views_before(wanted) if wanted else {}
 
     def _remember(self, task: TaskId, view: View) -> None:
         self._views[task] = view

@@ -21,7 +21,7 @@ from events.ids import TaskId
 from events.kinds import builtin
 from events.log import CreateTask, EventLog
 from events.model import Event, EventType
-from events.worker import Worker, WorkerConfig
+from events.worker import Slots, Worker, WorkerConfig
 from server.settings import Settings
 from tests.waiting import cancelled, eventually, eventually_async
 
@@ -252,6 +252,24 @@ async def test_a_kind_with_its_own_cap_never_passes_it_while_others_fill_the_wor
     finally:
         await watcher.close()
     assert peak["capped"] == 2 and peak["demo"] >= 6 and peak["all"] <= 8, dict(peak)
+
+
+def test_a_nearly_full_capped_kind_never_shrinks_the_claims_of_the_others() -> None:
+    """Slots at concurrency 64 with two kinds capped at 4, one of them running 3: the
+    uncapped kinds are claimed 16 at a time (a quarter), the capped ones 1 (the least room);
+    a full capped kind is left out; what a claim in flight reserved it gives back."""
+    slots = Slots(64, {"shell": 4, "git": 4})
+    groups = slots.groups(["demo", "shell", "plugin", "git"])
+    assert groups == [["demo", "plugin"], ["shell", "git"]]
+    for _ in range(3):
+        slots.take("shell")
+    assert [slots.plan(g) for g in groups] == [(["demo", "plugin"], 16), (["shell", "git"], 1)]
+    slots.take("shell")
+    assert slots.plan(groups[1]) == (["git"], 4)
+    slots.reserve(["git"], 4)
+    assert slots.plan(groups[1]) == ([], 0) and slots.contended()
+    slots.reserve(["git"], -4)
+    assert slots.plan(groups[1]) == (["git"], 4) and not slots.contended()
 
 
 async def test_a_running_worker_trims_the_history_of_ended_tasks(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 
 from events.log import CreateTask, EventLog
@@ -41,3 +42,42 @@ async def test_a_backlog_larger_than_the_cache_gets_the_same_views_from_one_read
     later = [e for e in events if e.version > 1]  # the cache never saw these tasks' start
     assert await cold.updates(later) == [u for u, e in zip(expected, events, strict=True) if e.version > 1]
     assert reads == [8]
+
+
+async def test_a_history_that_cannot_be_folded_degrades_its_own_event_only(
+        event_log: EventLog, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One task's stored history breaks the fold (an event written by other means): when
+    its view and the others' are rebuilt by one read, only that task's update is degraded,
+    and every other one is what a warm projector makes."""
+    await _backlog(event_log, 3)
+    tasks = list(dict.fromkeys(e.task for e in await event_log.read_after()))
+    broken = tasks[1]
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("INSERT INTO events (task_id, version, scope, type, data, at) "
+                           "VALUES ($1, 4, 'p', 'step.completed', '{}', now())", broken)
+        await conn.execute("UPDATE tasks SET version = 4, view = jsonb_set(view, '{version}', '4') "
+                           "WHERE id = $1", broken)
+    finally:
+        await conn.close()
+    progress = NewEvent(E.STEP_PROGRESS, {"step": "a", "progress": 0.5})
+    for task in tasks:
+        view = await event_log.view(task)
+        await event_log.append(task, view, [progress])
+    events = await event_log.read_after()
+    expected = await Projector(event_log).updates(events)
+    # Each task's first event here needs the view before it rebuilt; the broken one's
+    # history (its version 4) cannot be folded.
+    later = [e for e in events if e.version == (5 if e.task == broken else 4)]
+    reads: list[int] = []
+    views_before = event_log.views_before
+
+    async def counted(versions):  # type: ignore[no-untyped-def]
+        reads.append(len(versions))
+        return await views_before(versions)
+
+    monkeypatch.setattr(event_log, "views_before", counted)
+    got = await Projector(event_log, max_tasks=1).updates(later)
+    assert got == [u for u, e in zip(expected, events, strict=True) if e in later]
+    assert [b'"degraded":true' in u.blob for u in got] == [e.task == broken for e in later]
+    assert reads == [3]

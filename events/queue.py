@@ -44,15 +44,18 @@ class Queue:
         self.on_append = on_append  # told when a claim wrote events (the relay's wake-up)
 
     async def claim(self, owner: str, kinds: Sequence[str], *, limit: int, lease_s: float,
-                    scope_limit: int | None = None) -> list[Claim]:
+                    scope_limit: int | None = None,
+                    more: tuple[Sequence[str], int] = ((), 0)) -> list[Claim]:
         """Lease up to `limit` runnable jobs of `kinds` (SKIP LOCKED: claimers never wait
-        on each other), at most `scope_limit` running per scope, and start them: the
+        on each other), and then up to `more`'s limit of its kinds, at most `scope_limit`
+        running per scope, and start them: the
         `task.started` of each task that was queued is appended by the same statement
         (taskcast_claim_start), so a claim and its start are one commit and one round
         trip. Raises Unavailable."""
         async with db.acquire(self.pool) as conn:
             with db.translate():
-                rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s, scope_limit)
+                rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s, scope_limit,
+                                        list(more[0]), more[1])
         claims = [Claim(TaskId(r["task_id"]), FenceToken(r["fence"]), r["attempt"],
                         r["cancel_requested"], _positioned(r)) for r in rows]
         if self.on_append is not None and any(r["seq"] is not None for r in rows):

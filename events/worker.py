@@ -245,32 +245,35 @@ class Worker:
             raise_if_cancelling()  # the waits below have no deadline
             if self.draining:
                 await asyncio.Event().wait()  # claims nothing more; cancelled at stop
-            if not any(self.slots.plan(group)[1] for group in groups):
+            # Clearing the hint before the claim is safe per lane: whatever was notified
+            # before this point is committed, so this lane's claim sees it. Unless a kind
+            # is left out only while the other lane's claim holds its room: its job may be
+            # what the hint was for, so the hint stays for the next round.
+            keep_hint = self.slots.contended()
+            plans: list[tuple[list[str], int]] = []
+            for group in groups:  # each planned with the ones before it reserved
+                kinds, limit = self.slots.plan(group)
+                if limit:
+                    self.slots.reserve(kinds, limit)
+                    plans.append((kinds, limit))
+            if not plans:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
-            # Clearing the hint before the claim is safe per lane: whatever was notified
-            # before this point is committed, so this lane's claims see it. Unless a kind
-            # is left out only while the other lane's claim holds its room: its job may be
-            # what the hint was for, so the hint stays for the next round.
-            if not self.slots.contended():
+            if not keep_hint:
                 self._wake.clear()
-            claimed = 0
-            for group in groups:  # each planned as its turn comes: the other lane moves on
-                kinds, limit = self.slots.plan(group)
-                if limit:
-                    claimed += await self._claim(kinds, limit)
-            if claimed:
+            if await self._claim(plans):
                 continue  # there may be more
             await wait_event(self._wake, self.config.poll_s)
 
-    async def _claim(self, kinds: list[str], limit: int) -> int:
-        """Claim up to `limit` jobs of `kinds` and start running them; how many."""
-        self.slots.reserve(kinds, limit)
+    async def _claim(self, plans: list[tuple[list[str], int]]) -> int:
+        """Claim what `plans` reserved (up to each limit of its kinds, in one statement)
+        and start running it; how many."""
+        (kinds, limit), *more = plans
         try:
             claims = await self.queue.claim(
-                self.name, kinds, limit=limit,
-                lease_s=self.config.lease_s, scope_limit=self.config.scope_limit)
+                self.name, kinds, limit=limit, lease_s=self.config.lease_s,
+                scope_limit=self.config.scope_limit, more=more[0] if more else ((), 0))
         except Unavailable as exc:
             log.warning("cannot claim: %s", exc)
             claims = []
@@ -280,7 +283,8 @@ class Worker:
             self.errors += 1
             claims = []
         finally:
-            self.slots.reserve(kinds, -limit)
+            for reserved, n in plans:
+                self.slots.reserve(reserved, -n)
             self._slot_free.set()  # what the claim did not fill is free again
         self.metrics.claims(len(claims))
         if self.draining:  # claimed while the drain began: give them straight back

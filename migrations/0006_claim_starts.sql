@@ -13,7 +13,11 @@ CREATE FUNCTION taskcast_claim_start(
     p_kinds        text[],
     p_limit        integer,
     p_lease_s      double precision,
-    p_scope_limit  integer    -- NULL: no per-scope limit
+    p_scope_limit  integer,   -- NULL: no per-scope limit
+    -- And up to p_more_limit jobs of p_more_kinds, claimed after: the worker's kinds with
+    -- a cap of their own (events/worker.py, Slots), whose room is smaller.
+    p_more_kinds   text[] DEFAULT '{}',
+    p_more_limit   integer DEFAULT 0
 ) RETURNS TABLE (task_id text, fence bigint, attempt integer, cancel_requested boolean,
                  view jsonb, version integer, xid xid8, seq bigint)
 LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
@@ -32,7 +36,8 @@ BEGIN
     -- (events/bound.py) until it ends, holding back the events others just committed,
     -- while its own end wakes no reader: their delivery waited for the relay's next poll.
     IF NOT EXISTS (SELECT 1 FROM jobs AS j
-                    WHERE j.state = 'queued' AND j.run_at <= now() AND j.kind = ANY (p_kinds)) THEN
+                    WHERE j.state = 'queued' AND j.run_at <= now()
+                      AND (j.kind = ANY (p_kinds) OR j.kind = ANY (p_more_kinds))) THEN
         RETURN;
     END IF;
     -- Invariant 10: announced before the claim's row locks assign the transaction's xid.
@@ -44,7 +49,10 @@ BEGIN
     SELECT array_agg(c.task_id), array_agg(c.fence), array_agg(c.attempt),
            array_agg(c.cancel_requested), array_agg(c.view), array_agg(c.version)
       INTO v_tasks, v_fences, v_attempts, v_cancels, v_views, v_versions
-      FROM taskcast_claim(p_owner, p_kinds, p_limit, p_lease_s, p_scope_limit) AS c;
+      FROM (SELECT * FROM taskcast_claim(p_owner, p_kinds, p_limit, p_lease_s, p_scope_limit)
+            UNION ALL  -- Append: the first claim runs to its end before the second begins
+            SELECT * FROM taskcast_claim(p_owner, p_more_kinds, p_more_limit, p_lease_s, p_scope_limit)
+             WHERE p_more_limit > 0) AS c;
     IF v_tasks IS NULL THEN
         RETURN;
     END IF;

@@ -87,7 +87,7 @@ SELECT k.task_id, k.status, k.xid, k.seq
 
 -- name: claim
 SELECT task_id, fence, attempt, cancel_requested, view, version, xid, seq
-  FROM taskcast_claim_start($1, $2, $3, $4, $5);
+  FROM taskcast_claim_start($1, $2, $3, $4, $5, $6, $7);
 
 -- name: heartbeat
 -- Extend the leases ($1 tasks, $2 their fences) still held, in task order (the lock order of

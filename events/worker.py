@@ -6,9 +6,10 @@ Named loops, watched by one TaskGroup (a loop that dies stops the worker):
 - `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth);
   two lanes claim at once, each up to the free slots but a quarter of the concurrency
   at most, so claims overlap.
-  A slot is free when its run ends (its dependents are released after). A kind with a
-  `max_running` of its own (the built-in kinds that run processes) is claimed only while
-  it has room, and then no more at once than that room (`Slots`).
+  A slot is free when its run ends (its dependents are released after). The kinds with
+  a `max_running` of their own (the built-in kinds that run processes) are claimed in the
+  same statement after the others, only while they have room, and no more at once than
+  the least of it (`Slots`).
 - `maintain`: a round of the janitor (events/janitor.py) every `maintain_every_s`: leases
   expired, deadlines of tasks whose worker died, dependencies, retention.
 - `heartbeat`: every third of the lease, one statement extends the leases of every task
@@ -233,8 +234,8 @@ class Worker:
         return handed
 
     async def _claim_loop(self) -> None:
-        """CLAIM_LANES lanes claim at once, so the next claim's round trips overlap the
-        last one's (SKIP LOCKED: they never take the same job, nor wait on each other)."""
+        """CLAIM_LANES lanes claim at once, so one lane's claim overlaps the other's round
+        trip (SKIP LOCKED: they never take the same job, nor wait on each other)."""
         async with asyncio.TaskGroup() as tg:
             for lane in range(CLAIM_LANES):
                 tg.create_task(self._claim_lane(), name=f"worker.claim.{lane}")

@@ -251,13 +251,13 @@ class EventLog:
                 if row["snapshot"] is not None:  # retention trimmed what came before
                     view = dict(row["snapshot"])
                 else:
-                    view = apply(views[e.task], e.task, e.version, e.type, e.data, e.at)
+                    view = apply(views[task], task, e.version, e.type, e.data, e.at)
                 view["position"] = encode(e.position)
             except Exception as exc:
                 broken[task] = exc
                 del views[task]
                 continue
-            views[e.task] = view
+            views[task] = view
         return views, broken
 
     async def prune(self, older_than_s: float, *, limit: int = 1000) -> int:

@@ -48,10 +48,9 @@ class Queue:
                     more: tuple[Sequence[str], int] = ((), 0)) -> list[Claim]:
         """Lease up to `limit` runnable jobs of `kinds` (SKIP LOCKED: claimers never wait
         on each other), and then up to `more`'s limit of its kinds, at most `scope_limit`
-        running per scope, and start them: the
-        `task.started` of each task that was queued is appended by the same statement
-        (taskcast_claim_start), so a claim and its start are one commit and one round
-        trip. Raises Unavailable."""
+        running per scope, and start them: the `task.started` of each task that was
+        queued is appended by the same statement (taskcast_claim_start), so a claim and
+        its start are one commit and one round trip. Raises Unavailable."""
         async with db.acquire(self.pool) as conn:
             with db.translate():
                 rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s, scope_limit,

@@ -43,7 +43,7 @@ class Projector:
             try:
                 before = self._views.get(event.task)
                 if before is None or before["version"] != event.version - 1:
-                    if event.task in rebuilt and _version(rebuilt[event.task]) == event.version - 1:
+                    if event.task in rebuilt:  # the task's first event here: rebuilt for it
                         before = rebuilt.pop(event.task)
                     else:
                         before = await self.log.view_before(event.task, event.version - 1)
@@ -68,15 +68,14 @@ class Projector:
         """The views the cache lacks for `events`, rebuilt with one read (not one per task:
         a backlog larger than the cache misses on every task)."""
         wanted: dict[TaskId, int] = {}
+        seen: set[TaskId] = set()
         for event in events:
-            if event.task in wanted:
+            if event.task in seen:  # later events of a task follow from its first
                 continue
+            seen.add(event.task)
             cached = self._views.get(event.task)
             if cached is None or cached["version"] != event.version - 1:
                 wanted[event.task] = event.version - 1
-            else:
-                wanted[event.task] = -1  # a hit; later events of the task follow from it
-        wanted = {task: version for task, version in wanted.items() if version >= 0}
         return await self.log.views_before(wanted) if wanted else {}
 
     def _remember(self, task: TaskId, view: View) -> None:
@@ -84,7 +83,3 @@ class Projector:
         self._views.move_to_end(task)
         if len(self._views) > self.max_tasks:
             self._views.popitem(last=False)
-
-
-def _version(view: View | None) -> int:
-    return 0 if view is None else int(view["version"])

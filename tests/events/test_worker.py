@@ -164,6 +164,26 @@ async def test_a_failed_dependency_fails_the_chain_with_the_reason(
     assert (await event_log.view(b.task))["status"] == "failed"
 
 
+async def _running_peaks(database_url: str, tasks: int, within: float, query: str,
+                         *args: object) -> dict[str, int]:
+    """Poll `query` (rows of `key`, `n`: running jobs) every 2 ms until `tasks` tasks have
+    completed; the most each key ever had."""
+    peak: dict[str, int] = defaultdict(int)
+    watcher = await asyncpg.connect(database_url)
+
+    async def all_done() -> bool:
+        for row in await watcher.fetch(query, *args):
+            peak[row["key"]] = max(peak[row["key"]], row["n"])
+        done = await watcher.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'")
+        return bool(done == tasks)
+
+    try:
+        await eventually_async(all_done, within=within, poll_s=0.002)
+    finally:
+        await watcher.close()
+    return peak
+
+
 async def test_a_per_scope_limit_holds_at_every_instant_under_concurrent_claims(
         event_log: EventLog, settings: Settings, database_url: str,
         in_process: list[asyncio.Task[None]]) -> None:
@@ -171,23 +191,11 @@ async def test_a_per_scope_limit_holds_at_every_instant_under_concurrent_claims(
     never more than 2 running in a scope, and every task completes."""
     tasks = [(await event_log.create(CreateTask("demo", f"scope:{i % 3}", {"steps": 2, "step_ms": 4}))).task
              for i in range(200)]
-    peak: dict[str, int] = defaultdict(int)
-    watcher = await asyncpg.connect(database_url)
     for _ in range(2):
         _start(settings, event_log, in_process, concurrency=8, scope_limit=2)
-
-    async def all_done() -> bool:
-        rows = await watcher.fetch(
-            "SELECT scope, count(*) AS n FROM jobs WHERE state = 'running' GROUP BY scope")
-        for row in rows:
-            peak[row["scope"]] = max(peak[row["scope"]], row["n"])
-        done = await watcher.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'")
-        return bool(done == len(tasks))
-
-    try:
-        await eventually_async(all_done, within=120, poll_s=0.002)
-    finally:
-        await watcher.close()
+    peak = await _running_peaks(database_url, len(tasks), 120,
+                                "SELECT scope AS key, count(*) AS n FROM jobs WHERE state = 'running' "
+                                "GROUP BY scope")
     assert max(peak.values()) == 2  # reached, never passed
     # The log agrees: per scope, never more than 2 tasks between task.started and task.completed.
     for scope in ("scope:0", "scope:1", "scope:2"):
@@ -206,22 +214,10 @@ async def test_a_worker_never_runs_more_than_its_concurrency_with_claims_overlap
     tasks = [(await event_log.create(CreateTask("demo", "p", {"steps": 1, "step_ms": 15}))).task
              for _ in range(120)]
     worker = _start(settings, event_log, in_process, concurrency=6)
-    watcher = await asyncpg.connect(database_url)
-    peak = 0
-
-    async def all_done() -> bool:
-        nonlocal peak
-        held = await watcher.fetchval(
-            "SELECT count(*) FROM jobs WHERE state = 'running' AND lease_owner = $1", worker.name)
-        peak = max(peak, held)
-        done = await watcher.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'")
-        return bool(done == len(tasks))
-
-    try:
-        await eventually_async(all_done, within=60, poll_s=0.002)
-    finally:
-        await watcher.close()
-    assert peak == 6
+    peak = await _running_peaks(database_url, len(tasks), 60,
+                                "SELECT 'held' AS key, count(*) AS n FROM jobs WHERE state = 'running' "
+                                "AND lease_owner = $1", worker.name)
+    assert peak["held"] == 6
 
 
 async def test_a_kind_with_its_own_cap_never_passes_it_while_others_fill_the_worker(
@@ -236,21 +232,9 @@ async def test_a_kind_with_its_own_cap_never_passes_it_while_others_fill_the_wor
     tasks = [(await event_log.create(CreateTask(kind, "p", {"steps": 1, "step_ms": 40}))).task
              for _ in range(30) for kind in ("capped", "demo")]
     in_process.append(asyncio.create_task(worker.run(), name="worker"))
-    watcher = await asyncpg.connect(database_url)
-    peak: dict[str, int] = defaultdict(int)
-
-    async def all_done() -> bool:
-        rows = await watcher.fetch("SELECT kind, count(*) AS n FROM jobs WHERE state = 'running' "
-                                   "GROUP BY ROLLUP (kind)")
-        for row in rows:
-            peak[row["kind"] or "all"] = max(peak[row["kind"] or "all"], row["n"])
-        done = await watcher.fetchval("SELECT count(*) FROM tasks WHERE status = 'completed'")
-        return bool(done == len(tasks))
-
-    try:
-        await eventually_async(all_done, within=60, poll_s=0.002)
-    finally:
-        await watcher.close()
+    peak = await _running_peaks(database_url, len(tasks), 60,
+                                "SELECT coalesce(kind, 'all') AS key, count(*) AS n FROM jobs "
+                                "WHERE state = 'running' GROUP BY ROLLUP (kind)")
     assert peak["capped"] == 2 and peak["demo"] >= 6 and peak["all"] <= 8, dict(peak)
 
 

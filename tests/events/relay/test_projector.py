@@ -21,6 +21,19 @@ async def _backlog(event_log: EventLog, tasks: int) -> None:
                                                 NewEvent(E.STEP_STARTED, {"step": "a"})])
 
 
+def _count_rebuilds(event_log: EventLog, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, how many views each batched rebuild of `event_log` asks for."""
+    reads: list[int] = []
+    views_before = event_log.views_before
+
+    async def counted(versions):  # type: ignore[no-untyped-def]
+        reads.append(len(versions))
+        return await views_before(versions)
+
+    monkeypatch.setattr(event_log, "views_before", counted)
+    return reads
+
+
 async def test_a_backlog_larger_than_the_cache_gets_the_same_views_from_one_read(
         event_log: EventLog, monkeypatch: pytest.MonkeyPatch) -> None:
     """Eight tasks' events read in the middle of each history, through a cache of two
@@ -31,14 +44,7 @@ async def test_a_backlog_larger_than_the_cache_gets_the_same_views_from_one_read
     warm = Projector(event_log)
     expected = await warm.updates(events)
     cold = Projector(event_log, max_tasks=2)
-    reads: list[int] = []
-    views_before = event_log.views_before
-
-    async def counted(versions):  # type: ignore[no-untyped-def]
-        reads.append(len(versions))
-        return await views_before(versions)
-
-    monkeypatch.setattr(event_log, "views_before", counted)
+    reads = _count_rebuilds(event_log, monkeypatch)
     later = [e for e in events if e.version > 1]  # the cache never saw these tasks' start
     assert await cold.updates(later) == [u for u, e in zip(expected, events, strict=True) if e.version > 1]
     assert reads == [8]
@@ -69,14 +75,7 @@ async def test_a_history_that_cannot_be_folded_degrades_its_own_event_only(
     # Each task's first event here needs the view before it rebuilt; the broken one's
     # history (its version 4) cannot be folded.
     later = [e for e in events if e.version == (5 if e.task == broken else 4)]
-    reads: list[int] = []
-    views_before = event_log.views_before
-
-    async def counted(versions):  # type: ignore[no-untyped-def]
-        reads.append(len(versions))
-        return await views_before(versions)
-
-    monkeypatch.setattr(event_log, "views_before", counted)
+    reads = _count_rebuilds(event_log, monkeypatch)
     got = await Projector(event_log, max_tasks=1).updates(later)
     assert got == [u for u, e in zip(expected, events, strict=True) if e in later]
     assert [b'"degraded":true' in u.blob for u in got] == [e.task == broken for e in later]

@@ -192,30 +192,33 @@ async def append_batch(conn: asyncpg.Connection, items: Sequence[Append]) -> lis
     ev_versions: list[int] = []
     ev_types: list[str] = []
     ev_data: list[object] = []
-    ev_at: list[datetime] = []
     for n, item in enumerate(items, start=1):
         for k, event in enumerate(item.events, start=1):
             ev_items.append(n)
             ev_versions.append(item.expected + k)
             ev_types.append(event.type.value)
             ev_data.append(event.data)
-            ev_at.append(item.at)
     with db.translate():
         rows = await conn.fetch(
             q("append_batch"), [i.task for i in items], [i.expected for i in items],
-            [i.new["status"] for i in items], [i.new for i in items], [i.fence for i in items],
-            [None if i.job_state is None else i.job_state.value for i in items],
+            [i.new["status"] for i in items], [i.new for i in items],
+            [i.expected + len(i.events) for i in items], [i.at for i in items],
+            [i.fence for i in items], [None if i.job_state is None else i.job_state.value for i in items],
             [i.run_at for i in items], [i.principal for i in items], [i.key for i in items],
-            ev_items, ev_versions, ev_types, ev_data, ev_at)
+            ev_items, ev_versions, ev_types, ev_data)
     results: list[Stored | TaskcastError] = [[] for _ in items]
+    index = {item.task: n for n, item in enumerate(items)}  # a task is in a batch at most once
     for row in rows:
-        n = row["item"] - 1
         if row["outcome"] == "ok":
-            stored = results[n]
+            stored = results[index[row["task"]]]
             assert isinstance(stored, list)
             stored.append((row["version"], position(row["xid"], row["seq"])))
         else:
+            n = row["item"] - 1
             results[n] = _OUTCOMES[row["outcome"]](items[n])
+    for stored in results:
+        if isinstance(stored, list):
+            stored.sort(key=lambda written: written[0])  # by version
     return results
 
 
@@ -256,9 +259,14 @@ async def create_batch(conn: asyncpg.Connection, items: Sequence[Create]) -> lis
             [None if i.job_state is None else i.job_state.value for i in items],
             [i.mutex for i in items], [i.principal for i in items], [i.key for i in items])
     acks: list[Created | None] = [None] * len(items)
+    index = {item.task: n for n, item in enumerate(items)}
     for row in rows:
-        acks[row["item"] - 1] = Created(TaskId(row["task"]), row["status"],
-                                        position(row["xid"], row["seq"]), row["duplicate"])
+        if row["duplicate"]:  # the ack of the task first created under its key
+            acks[row["item"] - 1] = Created(TaskId(row["task"]), row["status"],
+                                            position(row["xid"], row["seq"]), True)
+        else:
+            n = index[row["task"]]
+            acks[n] = Created(items[n].task, items[n].view["status"], position(row["xid"], row["seq"]), False)
     missing = [items[n].task for n, ack in enumerate(acks) if ack is None]
     if missing:  # a key's first command vanished between the claim and the read: retry
         raise VersionConflict(f"no ack for {', '.join(missing)}; try again")

@@ -73,8 +73,8 @@ SELECT t.view, t.version, e.xid, e.seq
  WHERE t.id = $1;
 
 -- name: append_batch
-SELECT item, outcome, xid, seq, version
-  FROM taskcast_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14);
+SELECT item, outcome, task, xid, seq, version
+  FROM taskcast_append_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15);
 
 -- name: create_batch
 SELECT item, task, status, xid, seq, duplicate

@@ -1,9 +1,14 @@
-"""The job queue: claims follow priority, then age."""
+"""The job queue: claims follow priority, then age, and read only the kinds they ask for."""
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
+
 from events.log import CreateTask, EventLog
 from events.queue import Queue
+from tests.plans import explaining, most_discarded
 
 
 async def test_claims_take_the_highest_priority_first_then_the_oldest(event_log: EventLog) -> None:
@@ -18,3 +23,34 @@ async def test_claims_take_the_highest_priority_first_then_the_oldest(event_log:
         (claim,) = await queue.claim("w", ["demo"], limit=1, lease_s=30)
         order.append(claim.task)
     assert order == [high.task, first_normal.task, second_normal.task, low.task]
+
+
+async def test_a_claim_of_several_kinds_takes_the_highest_priority_of_any(event_log: EventLog) -> None:
+    """Each kind's jobs are read apart, but a claim of two kinds still takes the highest
+    `priority` of either first, then the oldest."""
+    old = await event_log.create(CreateTask(kind="demo", scope="p"))
+    urgent = await event_log.create(CreateTask(kind="other", scope="p", priority=3))
+    later = await event_log.create(CreateTask(kind="other", scope="p"))
+    queue = Queue(event_log.pool)
+    order = []
+    for _ in range(3):
+        (claim,) = await queue.claim("w", ["demo", "other"], limit=1, lease_s=30)
+        order.append(claim.task)
+    assert order == [urgent.task, old.task, later.task]
+
+
+async def test_a_claim_reads_no_queued_job_of_a_kind_it_does_not_ask_for(
+        event_log: EventLog, database_url: str) -> None:
+    """Behind a backlog of 300 `demo` jobs, a claim of other kinds (a worker's capped kinds)
+    and the search for jobs with a mutex that follows a short claim look at none of them."""
+    await asyncio.gather(*(event_log.create(CreateTask(kind="demo", scope="p")) for _ in range(300)))
+    conn = await asyncpg.connect(database_url)
+    try:
+        plans = await explaining(conn)
+        assert await conn.fetch("SELECT * FROM taskcast_claim('w', '{shell,git.clone}', 8, 30, NULL)") == []
+        assert await conn.fetch("SELECT * FROM taskcast_claim_start('w', '{shell}', 8, 30, NULL)") == []
+        assert plans  # the statements were explained
+        # (the table is small enough for the plan of the update by key to read all of it)
+        assert most_discarded(plans, node="Index Scan") == 0
+    finally:
+        await conn.close()

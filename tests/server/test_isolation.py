@@ -122,9 +122,9 @@ async def test_a_poison_event_is_delivered_degraded_and_stops_nobody(launch: Lau
     try:  # an event whose data nests 300 levels: PostgreSQL stores it, orjson cannot encode it
         await conn.execute(
             "SELECT * FROM taskcast_append_batch(ARRAY[$1], ARRAY[$2::integer], ARRAY[$3],"
-            " ARRAY[$4::text::jsonb], ARRAY[NULL::bigint], ARRAY[NULL], ARRAY[NULL::timestamptz],"
-            " ARRAY[NULL], ARRAY[NULL], ARRAY[1], ARRAY[$2::integer + 1], ARRAY['task.cancel_requested'],"
-            " ARRAY[(repeat('[', 300) || repeat(']', 300))::jsonb], ARRAY[now()])",
+            " ARRAY[$4::text::jsonb], ARRAY[$2::integer + 1], ARRAY[now()], ARRAY[NULL::bigint], ARRAY[NULL],"
+            " ARRAY[NULL::timestamptz], ARRAY[NULL], ARRAY[NULL], ARRAY[1], ARRAY[$2::integer + 1],"
+            " ARRAY['task.cancel_requested'], ARRAY[(repeat('[', 300) || repeat(']', 300))::jsonb])",
             poisoned["task"], view["version"], view["status"],
             orjson.dumps({**view, "version": view["version"] + 1, "cancel_requested": True}).decode())
     finally:

@@ -1,0 +1,35 @@
+"""The plans PostgreSQL runs for a connection's statements, those inside functions included
+(auto_explain, reporting to the client), to test how much a statement reads."""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+
+_SETTINGS = ("LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; "
+             "SET auto_explain.log_nested_statements = on; SET auto_explain.log_analyze = on; "
+             "SET auto_explain.log_level = notice; SET client_min_messages = notice")
+_NODE = re.compile(r"^\s*(->\s*)?[A-Z][A-Za-z ]+ (on|using|\(cost)")
+_DISCARDED = re.compile(r"Rows Removed by (Join )?Filter: (\d+)")
+
+
+async def explaining(conn: asyncpg.Connection) -> list[str]:
+    """From now on, the plan of each statement `conn` runs is appended to the list returned."""
+    plans: list[str] = []
+    conn.add_log_listener(lambda _conn, message: plans.append(message.message))
+    await conn.execute(_SETTINGS)
+    return plans
+
+
+def most_discarded(plans: list[str], *, node: str = "") -> int:
+    """The most rows one plan node (whose line contains `node`) read and threw away: a
+    filter's, or a join's (each pair of rows a nested loop compared and did not keep)."""
+    most, current = 0, ""
+    for plan in plans:
+        for line in plan.splitlines():
+            if _NODE.match(line):
+                current = line
+            elif (found := _DISCARDED.search(line)) and node in current:
+                most = max(most, int(found[2]))
+    return most

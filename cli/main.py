@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--workers", type=int, help="worker loops in this process (TASKCAST_WORKERS, 2)")
     p = sub.add_parser("worker", help="run a worker", description="claim and run tasks")
     p.add_argument("--concurrency", type=int,
-                   help="tasks run at once (TASKCAST_WORKER_CONCURRENCY, 256)")
+                   help="tasks run at once (TASKCAST_WORKER_CONCURRENCY, 512)")
     sub.add_parser("relay", help="run the relay", description="publish the event log to Redis")
     sub.add_parser("migrate", help="apply migrations", description="apply pending migrations")
     p = sub.add_parser("token", help="mint a token", description="mint an HS256 token (TASKCAST_SECRET)")

@@ -2,7 +2,7 @@
 
 A `Batcher` coalesces calls: while a batch is in flight, new items queue, and the next
 batch takes them all at once. `GroupCommit` is the batcher of `EventLog.append`: each batch
-is one call of `taskcast_append_batch` (migrations/0003_group_commit.sql), one transaction
+is one call of `taskcast_append_batch` (migrations/0007_linear_batches.sql), one transaction
 and one commit, whatever the number of tasks in it. Each item keeps its own checks: a
 stale fence, a version conflict or a used key fails that item only; an outage fails the
 batch, and each caller handles it as it would its own append's (events/runtime.py).
@@ -259,14 +259,9 @@ async def create_batch(conn: asyncpg.Connection, items: Sequence[Create]) -> lis
             [None if i.job_state is None else i.job_state.value for i in items],
             [i.mutex for i in items], [i.principal for i in items], [i.key for i in items])
     acks: list[Created | None] = [None] * len(items)
-    index = {item.task: n for n, item in enumerate(items)}
     for row in rows:
-        if row["duplicate"]:  # the ack of the task first created under its key
-            acks[row["item"] - 1] = Created(TaskId(row["task"]), row["status"],
-                                            position(row["xid"], row["seq"]), True)
-        else:
-            n = index[row["task"]]
-            acks[n] = Created(items[n].task, items[n].view["status"], position(row["xid"], row["seq"]), False)
+        acks[row["item"] - 1] = Created(TaskId(row["task"]), row["status"],
+                                        position(row["xid"], row["seq"]), row["duplicate"])
     missing = [items[n].task for n, ack in enumerate(acks) if ack is None]
     if missing:  # a key's first command vanished between the claim and the read: retry
         raise VersionConflict(f"no ack for {', '.join(missing)}; try again")

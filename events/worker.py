@@ -57,8 +57,9 @@ class WorkerConfig:
     # run, the fuller each batch and the cheaper each write (bench/drain.py, 1 worker on 2
     # cores, 20,000 one-step tasks: ~2,450 tasks/s at 256 before migration 0007; after it,
     # two runs of the bench in one session, medians of 2 each: 3,802/s at 256, 4,468/s at
-    # 512; alternated single drains: 4,527-4,591/s at 512, 4,672-4,727/s at 1024). The built-in kinds that run processes each run at
-    # most events.kinds.PROCESS_KINDS_RUNNING at once whatever this is (KindSpec.max_running).
+    # 512; alternated single drains: 4,527-4,591/s at 512, 4,672-4,727/s at 1024). The
+    # built-in kinds that run processes each run at most events.kinds.PROCESS_KINDS_RUNNING
+    # at once whatever this is (KindSpec.max_running).
     concurrency: int = 512
     lease_s: float = 30.0
     poll_s: float = 1.0

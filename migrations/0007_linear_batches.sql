@@ -7,9 +7,9 @@
 -- carries its view) took 6 of a 64-item batch's 8 ms (auto_explain, a drain of 20,000
 -- one-step tasks), and the cost grew with the square of the batch. Here an item's values
 -- are reached by subscript instead (a PL/pgSQL array argument or variable is stored
--- expanded: a subscript costs the same whatever the index), an event's item is found by
--- the caller from the returned task and version, and a claim's positions by key from a
--- jsonb object. The joins left go to a table by its primary key.
+-- expanded: a subscript costs the same whatever the index), a row's item or position by key
+-- in a jsonb object, or by the caller (taskcast_append_batch's new form answers each event's
+-- task and version). The joins left go to a table by its primary key.
 --
 -- And the claim reads only jobs of the kinds it asks for. Its one ready index ordered every
 -- queued job by priority, whatever its kind: a claim of the kinds with a cap of their own
@@ -17,9 +17,9 @@
 -- claim behind 20,000 queued `demo` jobs), and so did the search for jobs with a mutex
 -- whenever a claim came back short.
 
-DROP FUNCTION taskcast_append_batch(text[], integer[], text[], jsonb[], bigint[], text[], timestamptz[],
-                                    text[], text[], integer[], integer[], text[], jsonb[], timestamptz[]);
-
+-- A new signature beside 0003's, which stays for the processes of the previous release that
+-- run on while a deploy replaces them (`taskcast migrate` first, then the processes): every
+-- other function keeps its signature and its answers. A later migration drops the old one.
 CREATE FUNCTION taskcast_append_batch(
     p_tasks       text[],         -- one element per item; a task at most once
     p_expected    integer[],      -- the version each item's view is at
@@ -382,12 +382,9 @@ BEGIN
 END
 $$;
 
--- The creates as in 0003, each insert reading the items once, and a row per task created
--- (item NULL: the caller knows it by task) then one per duplicate.
-DROP FUNCTION taskcast_create_batch(text[], text[], text[], text[], jsonb[], integer[], jsonb[], timestamptz[],
-                                    text[], text[], text[], text[]);
-
-CREATE FUNCTION taskcast_create_batch(
+-- The creates as in 0003 (the same arguments and answers), each insert reading the items
+-- once, and each created task's item found by key.
+CREATE OR REPLACE FUNCTION taskcast_create_batch(
     p_tasks       text[],
     p_kinds       text[],
     p_scopes      text[],
@@ -406,7 +403,8 @@ DECLARE
     v_fresh   boolean[] := array_fill(true, ARRAY[cardinality(p_tasks)]);
     v_tasks   text[];  -- per task created: its id and its `task.created`'s seq
     v_seqs    bigint[];
-    v_created jsonb;   -- the same, {task: seq}, for the keys
+    v_items   jsonb;   -- {task: its item}
+    v_created jsonb;   -- {task: seq}, for the keys
 BEGIN
     -- Invariant 10: announce before the first write assigns this transaction's xid.
     IF current_setting('taskcast.writer', true) IS DISTINCT FROM 'on' THEN
@@ -447,9 +445,12 @@ BEGIN
         RETURNING e.task_id, e.seq
     )
     SELECT array_agg(w.task_id), array_agg(w.seq) INTO v_tasks, v_seqs FROM written AS w;
+    SELECT jsonb_object_agg(i.task, i.n) INTO v_items
+      FROM unnest(p_tasks) WITH ORDINALITY AS i (task, n);
 
     RETURN QUERY
-    SELECT NULL::integer, w.task, NULL::text, pg_current_xact_id(), w.seq, false
+    SELECT (v_items ->> w.task)::integer, w.task, p_status[(v_items ->> w.task)::integer],
+           pg_current_xact_id(), w.seq, false
       FROM unnest(v_tasks, v_seqs) AS w (task, seq)
     UNION ALL
     SELECT i.n::integer, k.task_id, k.status, k.xid, k.seq, true

@@ -1,13 +1,18 @@
-"""Migrations: applied once, in order, under a lock; an edited applied file stops the runner."""
+"""Migrations: applied once, in order, under a lock; an edited applied file stops the runner;
+the previous release's calls keep working once migrated."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
+from events.ids import TaskId
+from events.log import CreateTask, EventLog
 from events.migrate import MIGRATIONS_DIR, ChecksumMismatch, migrate
+from events.model import EventType
 
 
 async def test_the_migrated_schema_has_the_expected_tables_and_functions(database_url: str) -> None:
@@ -45,3 +50,34 @@ async def test_an_edited_applied_migration_stops_the_runner(database_url: str, t
         (tmp_path / source.name).write_text(source.read_text() + "\n-- edited\n")
     with pytest.raises(ChecksumMismatch):
         await migrate(database_url, tmp_path)
+
+
+async def test_the_previous_releases_writes_still_work_once_migrated(
+        event_log: EventLog, database_url: str) -> None:
+    """A deploy migrates first and replaces the processes after: meanwhile a process of the
+    previous release appends with the arguments of 0003's taskcast_append_batch, and creates
+    and claims as before, and gets the answers it expects."""
+    ack = await event_log.create(CreateTask("demo", "p"))
+    view = await event_log.view(ack.task)
+    conn = await asyncpg.connect(database_url)
+    try:
+        created = await conn.fetch(
+            "SELECT item, task, status, xid, seq, duplicate FROM taskcast_create_batch("
+            "ARRAY['tsk_old'], ARRAY['demo'], ARRAY['p'], ARRAY['queued'], ARRAY[$1::text::jsonb],"
+            " ARRAY[0], ARRAY['{}'::jsonb], ARRAY[now()], ARRAY['queued'], ARRAY[NULL], ARRAY['p'],"
+            " ARRAY['old key'])", orjson.dumps({**view, "id": "tsk_old"}).decode())
+        assert [(r["item"], r["task"], r["status"], r["duplicate"]) for r in created] == [
+            (1, "tsk_old", "queued", False)]
+        rows = await conn.fetch(
+            "SELECT item, outcome, xid, seq, version FROM taskcast_append_batch("
+            "ARRAY[$1], ARRAY[$2::integer], ARRAY['cancelled'], ARRAY[$3::text::jsonb],"
+            " ARRAY[NULL::bigint], ARRAY['cancel'], ARRAY[NULL::timestamptz], ARRAY[NULL], ARRAY[NULL],"
+            " ARRAY[1], ARRAY[$2::integer + 1], ARRAY['task.cancelled'],"
+            " ARRAY['{\"reason\": \"old\"}'::jsonb], ARRAY[now()])",
+            ack.task, view["version"],
+            orjson.dumps({**view, "status": "cancelled", "version": view["version"] + 1}).decode())
+        assert [(r["item"], r["outcome"], r["version"]) for r in rows] == [(1, "ok", view["version"] + 1)]
+    finally:
+        await conn.close()
+    assert (await event_log.view(ack.task))["status"] == "cancelled"
+    assert [e.type for e in await event_log.history(TaskId("tsk_old"))] == [EventType.TASK_CREATED]

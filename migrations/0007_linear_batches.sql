@@ -91,9 +91,10 @@ BEGIN
     WITH moved AS (
         UPDATE tasks AS t
            SET status = i.status, view = i.view, version = i.version, updated_at = i.at
-          FROM unnest(p_tasks, p_status, p_views, p_versions, p_at) WITH ORDINALITY
-               AS i (task, status, view, version, at, n)
+          FROM unnest(p_tasks, p_expected, p_status, p_views, p_versions, p_at) WITH ORDINALITY
+               AS i (task, expected, status, view, version, at, n)
          WHERE t.id = i.task AND v_outcome[i.n] = 'ok'
+           AND i.version > i.expected  -- an item without events leaves its task as it is (0003)
     ), jobbed AS (
         UPDATE jobs AS j
            SET state = CASE WHEN i.state = 'cancel' THEN j.state ELSE i.state END,
@@ -134,7 +135,7 @@ BEGIN
                  GROUP BY w.task) AS l;
         UPDATE command_keys AS k SET seq = (v_last ->> i.task)::bigint
           FROM unnest(p_principals, p_keys, p_tasks) WITH ORDINALITY AS i (principal, key, task, n)
-         WHERE i.key IS NOT NULL AND v_outcome[i.n] = 'ok'
+         WHERE i.key IS NOT NULL AND v_outcome[i.n] = 'ok' AND v_last ? i.task  -- (it wrote events)
            AND k.principal = i.principal AND k.key = i.key;
     END IF;
 
@@ -151,15 +152,22 @@ BEGIN
 END
 $$;
 
-DROP INDEX jobs_ready;
 -- The queued jobs of each kind in claim order, and apart those with a mutex (few or none).
-CREATE INDEX jobs_ready ON jobs (kind, priority DESC, run_at, task_id) WHERE state = 'queued';
+-- Built before the old index is dropped: the builds block writes to `jobs` until this
+-- migration commits (reads go on), the drop blocks reads too, so it comes last.
+CREATE INDEX jobs_ready_by_kind ON jobs (kind, priority DESC, run_at, task_id) WHERE state = 'queued';
 CREATE INDEX jobs_ready_mutex ON jobs (kind, priority DESC, run_at, task_id)
     WHERE state = 'queued' AND mutex IS NOT NULL;
+DROP INDEX jobs_ready;
 
--- As in 0004, with each kind's jobs read from its own part of the index, in claim order, and
--- the kinds' candidates merged by priority: a claim of k kinds locks up to k times its limit
--- of candidates and takes its limit of them (the others are free again at its commit).
+-- As in 0004, with each kind's jobs read from its own part of the index, in claim order.
+-- The jobs without a mutex: first, read without locks, the claim's share of each kind
+-- (how many of the first `p_limit` jobs of all its kinds, by priority then age, are of
+-- that kind); then each kind's share is locked, SKIP LOCKED going on past jobs another
+-- claim holds, as one ordered scan did. So a claim locks no more than it takes, and a
+-- claim of one kind reads its part of the index once. Those with a mutex, or all of them
+-- under a per-scope limit, are then tried one at a time, in claim order, each locked just
+-- before it is tried.
 CREATE OR REPLACE FUNCTION taskcast_claim(
     p_owner        text,
     p_kinds        text[],
@@ -169,14 +177,13 @@ CREATE OR REPLACE FUNCTION taskcast_claim(
 ) RETURNS TABLE (task_id text, fence bigint, attempt integer, cancel_requested boolean,
                  view jsonb, version integer)
 LANGUAGE plpgsql
--- The sort that merges the kinds' candidates is the plan's only one, and small, but with sorts
--- disabled it costs 10^10: that cost alone would have PostgreSQL compile the plan (JIT, about
--- 200 ms a claim).
+-- The sort that merges the kinds' candidates is small, but with sorts disabled it costs
+-- 10^10: that cost alone would have PostgreSQL compile the plan (JIT, ~200 ms a claim).
 SET enable_bitmapscan = off SET enable_sort = off SET jit = off SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
+    v_kinds text[] := ARRAY(SELECT DISTINCT k FROM unnest(p_kinds) AS k);
     v_job record;
-    v_jobs refcursor;
     n integer := 0;
     v_running integer;
 BEGIN
@@ -185,18 +192,32 @@ BEGIN
     END IF;
     IF p_scope_limit IS NULL THEN
         RETURN QUERY
-        WITH candidates AS (
+        WITH shares AS (
+            SELECT v_kinds[1] AS kind, p_limit AS n WHERE cardinality(v_kinds) = 1
+            UNION ALL
+            SELECT c.kind, count(*)::integer
+              FROM (SELECT c.kind
+                      FROM unnest(v_kinds) AS k (kind)
+                      CROSS JOIN LATERAL (
+                          SELECT j.kind, j.priority, j.run_at, j.task_id FROM jobs AS j
+                           WHERE j.state = 'queued' AND j.kind = k.kind AND j.run_at <= now()
+                             AND j.mutex IS NULL
+                           ORDER BY j.priority DESC, j.run_at, j.task_id
+                           LIMIT p_limit) AS c
+                     WHERE cardinality(v_kinds) > 1
+                     ORDER BY c.priority DESC, c.run_at, c.task_id
+                     LIMIT p_limit) AS c
+             GROUP BY c.kind
+        ), candidates AS (
             SELECT c.task_id
-              FROM unnest(p_kinds) AS k (kind)
+              FROM shares AS s
               CROSS JOIN LATERAL (
-                  SELECT j.task_id, j.priority, j.run_at FROM jobs AS j
-                   WHERE j.state = 'queued' AND j.kind = k.kind AND j.run_at <= now()
+                  SELECT j.task_id FROM jobs AS j
+                   WHERE j.state = 'queued' AND j.kind = s.kind AND j.run_at <= now()
                      AND j.mutex IS NULL
                    ORDER BY j.priority DESC, j.run_at, j.task_id
-                   LIMIT p_limit
+                   LIMIT s.n
                      FOR UPDATE SKIP LOCKED) AS c
-             ORDER BY c.priority DESC, c.run_at, c.task_id
-             LIMIT p_limit
         ), taken AS (
             SELECT t.id, t.view, t.version FROM tasks AS t
              WHERE t.id IN (SELECT k.task_id FROM candidates AS k)
@@ -215,33 +236,37 @@ BEGIN
         IF n >= p_limit THEN
             RETURN;
         END IF;
-        -- Then one at a time, those with a mutex.
-        OPEN v_jobs FOR
-            SELECT c.task_id, c.scope, c.mutex
-              FROM unnest(p_kinds) AS k (kind)
-              CROSS JOIN LATERAL (
-                  SELECT j.task_id, j.scope, j.mutex, j.priority, j.run_at FROM jobs AS j
-                   WHERE j.state = 'queued' AND j.kind = k.kind AND j.run_at <= now()
-                     AND j.mutex IS NOT NULL
-                   ORDER BY j.priority DESC, j.run_at, j.task_id
-                   LIMIT (p_limit - n) * 4
-                     FOR UPDATE SKIP LOCKED) AS c
-             ORDER BY c.priority DESC, c.run_at, c.task_id;
-    ELSE  -- every job one at a time, against its scope's limit
-        OPEN v_jobs FOR
-            SELECT c.task_id, c.scope, c.mutex
-              FROM unnest(p_kinds) AS k (kind)
-              CROSS JOIN LATERAL (
-                  SELECT j.task_id, j.scope, j.mutex, j.priority, j.run_at FROM jobs AS j
-                   WHERE j.state = 'queued' AND j.kind = k.kind AND j.run_at <= now()
-                   ORDER BY j.priority DESC, j.run_at, j.task_id
-                   LIMIT p_limit * 4
-                     FOR UPDATE SKIP LOCKED) AS c
-             ORDER BY c.priority DESC, c.run_at, c.task_id;
     END IF;
+    FOR v_job IN
+        SELECT c.task_id, c.scope, c.mutex
+          FROM (SELECT c.*
+                  FROM unnest(v_kinds) AS k (kind)
+                  CROSS JOIN LATERAL (  -- those with a mutex (their own index)
+                      SELECT j.task_id, j.scope, j.mutex, j.priority, j.run_at FROM jobs AS j
+                       WHERE j.state = 'queued' AND j.kind = k.kind AND j.run_at <= now()
+                         AND j.mutex IS NOT NULL
+                       ORDER BY j.priority DESC, j.run_at, j.task_id
+                       LIMIT (p_limit - n) * 4) AS c
+                 WHERE p_scope_limit IS NULL
+                UNION ALL
+                SELECT c.*
+                  FROM unnest(v_kinds) AS k (kind)
+                  CROSS JOIN LATERAL (  -- every job, against its scope's limit
+                      SELECT j.task_id, j.scope, j.mutex, j.priority, j.run_at FROM jobs AS j
+                       WHERE j.state = 'queued' AND j.kind = k.kind AND j.run_at <= now()
+                       ORDER BY j.priority DESC, j.run_at, j.task_id
+                       LIMIT (p_limit - n) * 4) AS c
+                 WHERE p_scope_limit IS NOT NULL) AS c
+         ORDER BY c.priority DESC, c.run_at, c.task_id
+         LIMIT (p_limit - n) * 4
     LOOP
-        FETCH v_jobs INTO v_job;
-        EXIT WHEN NOT FOUND OR n >= p_limit;
+        EXIT WHEN n >= p_limit;
+        -- Locked as 0004's loop locked it, as its turn comes (another claim may hold it, or
+        -- have taken it since it was read).
+        PERFORM 1 FROM jobs AS j
+         WHERE j.task_id = v_job.task_id AND j.state = 'queued' AND j.run_at <= now()
+           FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
         IF p_scope_limit IS NOT NULL THEN
             CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext('taskcast.scope'), hashtext(v_job.scope));
             SELECT count(*) INTO v_running FROM jobs AS r WHERE r.scope = v_job.scope AND r.state = 'running';
@@ -263,7 +288,6 @@ BEGIN
         RETURNING j.task_id, j.fence, j.attempt, j.cancel_requested, t.view, t.version;
         n := n + 1;
     END LOOP;
-    CLOSE v_jobs;
 END
 $$;
 

@@ -108,6 +108,22 @@ async def test_no_batch_function_compares_the_items_of_its_batch_pair_by_pair(da
         await conn.close()
 
 
+async def test_an_item_without_events_writes_nothing_and_fails_nothing(event_log: EventLog) -> None:
+    """An item with no events (under a key) beside one with an event: the batch commits the
+    other item and leaves the empty one's task as it was."""
+    empty, full = [(await event_log.create(CreateTask("demo", "p"))).task for _ in range(2)]
+    views = [await event_log.view(t) for t in (empty, full)]
+    now = datetime.now(UTC)
+    nothing = Append(empty, views[0]["version"], dict(views[0], status="cancelled"), [], now,
+                     principal="p", key="empty")
+    async with db.acquire(event_log.pool) as conn:
+        cancel = _append(views[1], NewEvent(E.TASK_CANCELLED, {"reason": "x"}))
+        results = await append_batch(conn, [nothing, cancel])
+    assert results[0] == [] and isinstance(results[1], list) and len(results[1]) == 1
+    assert (await event_log.view(empty))["status"] == "queued"
+    assert (await event_log.view(full))["status"] == "cancelled"
+
+
 async def test_concurrent_appends_share_transactions_and_each_lands_once(event_log: EventLog) -> None:
     """200 appends to 200 tasks at once go in a handful of transactions, each exactly once and
     with its own position, versions gapless per task."""

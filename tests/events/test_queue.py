@@ -54,3 +54,33 @@ async def test_a_claim_reads_no_queued_job_of_a_kind_it_does_not_ask_for(
         assert most_discarded(plans, node="Index Scan") == 0
     finally:
         await conn.close()
+
+
+async def test_a_claim_locks_no_job_it_does_not_take(event_log: EventLog, database_url: str) -> None:
+    """A claim of two kinds that takes one job leaves the other kind's job free: a claim of
+    that kind running beside it (another worker, the other lane) gets it."""
+    first = await event_log.create(CreateTask(kind="ka", scope="p"))
+    other = await event_log.create(CreateTask(kind="kb", scope="p"))
+    a, b = await asyncpg.connect(database_url), await asyncpg.connect(database_url)
+    try:
+        async with a.transaction():  # held open while the second claim runs
+            taken = await a.fetch("SELECT task_id FROM taskcast_claim('a', '{ka,kb}', 1, 30, NULL)")
+            assert [r["task_id"] for r in taken] == [first.task]
+            beside = await b.fetch("SELECT task_id FROM taskcast_claim_start('b', '{kb}', 1, 30, NULL)")
+            assert [r["task_id"] for r in beside] == [other.task]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_kind_named_twice_is_claimed_once(event_log: EventLog, database_url: str) -> None:
+    """Kinds listed twice take each job once, with and without a per-scope limit."""
+    tasks = {(await event_log.create(CreateTask(kind="ka", scope="p"))).task for _ in range(4)}
+    conn = await asyncpg.connect(database_url)
+    try:
+        plain = await conn.fetch("SELECT task_id FROM taskcast_claim_start('w', '{ka,ka}', 2, 30, NULL)")
+        limited = await conn.fetch("SELECT task_id FROM taskcast_claim_start('w', '{ka,ka}', 2, 30, 100)")
+    finally:
+        await conn.close()
+    claimed = [r["task_id"] for r in [*plain, *limited]]
+    assert len(claimed) == 4 and set(claimed) == tasks

@@ -241,7 +241,9 @@ def compact(view: View) -> View:
     the newest output lines up to COMPACT_TAIL_CHARS, texts cut to COMPACT_TEXT_CHARS, and
     `result` only when it is small (else null, with `result_truncated`). Invariant 6: an
     update frame does not grow with the input or with the number of events."""
-    out = {k: v for k, v in view.items() if k not in _LEFT_OUT}
+    out = view.copy()  # then without what is left out: cheaper than a filtering comprehension
+    for key in _LEFT_OUT:
+        out.pop(key, None)
     steps = view.get("steps") or []
     first = max(0, len(steps) - COMPACT_STEPS)
     out["steps"] = [_compact_step(s) for i, s in enumerate(steps)

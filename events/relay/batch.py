@@ -49,13 +49,14 @@ class Batch:
     sent_at: float = 0.0  # the relay's wall clock when it published (for the lag gauge)
 
 
-def update(event: Event, view: View) -> Update:
-    """Encode one event and the (compact, bounded) view after it. Raises what orjson
-    raises for a value it cannot encode (the projector degrades that event)."""
+def update(event: Event, view: View, wire: str | None = None) -> Update:
+    """Encode one event and the (compact, bounded) view after it (`wire`: the event's
+    position encoded, when the caller has it). Raises what orjson raises for a value it
+    cannot encode (the projector degrades that event)."""
     task = orjson.dumps(compact(view))
     if len(task) > MAX_COMPACT_BYTES:
         task = orjson.dumps(minimal(view))
-    return _update(event, orjson.dumps(event.wire()), task)
+    return _update(event, orjson.dumps(event.wire()), task, wire)
 
 
 def degraded(event: Event) -> Update:
@@ -70,8 +71,8 @@ def degraded(event: Event) -> Update:
     return _update(event, orjson.dumps(event_wire), orjson.dumps(view))
 
 
-def _update(event: Event, event_json: bytes, task_json: bytes) -> Update:
-    blob = (b',"position":"' + encode(event.position).encode() + b'","event":' + event_json
+def _update(event: Event, event_json: bytes, task_json: bytes, wire: str | None = None) -> Update:
+    blob = (b',"position":"' + (wire or encode(event.position)).encode() + b'","event":' + event_json
             + b',"task":' + task_json + b"}")
     return Update(event.position, event.task, event.scope, event.version, blob)
 

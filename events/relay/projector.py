@@ -48,8 +48,8 @@ class Projector:
                     else:
                         before = await self.log.view_before(event.task, event.version - 1)
                 view = apply(before, event.task, event.version, event.type, event.data, event.at)
-                view["position"] = encode(event.position)
-                encoded = update(event, view)
+                view["position"] = wire = encode(event.position)
+                encoded = update(event, view, wire)
             except Unavailable:
                 raise
             except Exception as exc:

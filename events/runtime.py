@@ -296,8 +296,8 @@ class RunContext:
                 try:
                     if outage_since is not None and await self._committed(batch):
                         return  # the append before the outage did commit: never write it twice
-                    self.view, _ = await self.log.append(self.task, self.view, batch, fence=self.fence,
-                                                         job_state=job_state, run_at=run_at)
+                    self.view = await self.log.advance(self.task, self.view, batch, fence=self.fence,
+                                                       job_state=job_state, run_at=run_at)
                     return
                 except StaleFence as exc:
                     raise LeaseLost(str(exc)) from exc

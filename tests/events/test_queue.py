@@ -11,17 +11,22 @@ from events.queue import Queue
 from tests.plans import explaining, most_discarded
 
 
+async def _claimed_one_by_one(queue: Queue, kinds: list[str], times: int) -> list[str]:
+    """The tasks `times` claims of one job each take, in turn."""
+    order = []
+    for _ in range(times):
+        (claim,) = await queue.claim("w", kinds, limit=1, lease_s=30)
+        order.append(claim.task)
+    return order
+
+
 async def test_claims_take_the_highest_priority_first_then_the_oldest(event_log: EventLog) -> None:
     """Of queued jobs, a claim takes the highest `priority` first; equal ones oldest first."""
     low = await event_log.create(CreateTask(kind="demo", scope="p", priority=-5))
     first_normal = await event_log.create(CreateTask(kind="demo", scope="p"))
     high = await event_log.create(CreateTask(kind="demo", scope="p", priority=7))
     second_normal = await event_log.create(CreateTask(kind="demo", scope="p"))
-    queue = Queue(event_log.pool)
-    order = []
-    for _ in range(4):
-        (claim,) = await queue.claim("w", ["demo"], limit=1, lease_s=30)
-        order.append(claim.task)
+    order = await _claimed_one_by_one(Queue(event_log.pool), ["demo"], 4)
     assert order == [high.task, first_normal.task, second_normal.task, low.task]
 
 
@@ -31,11 +36,7 @@ async def test_a_claim_of_several_kinds_takes_the_highest_priority_of_any(event_
     old = await event_log.create(CreateTask(kind="demo", scope="p"))
     urgent = await event_log.create(CreateTask(kind="other", scope="p", priority=3))
     later = await event_log.create(CreateTask(kind="other", scope="p"))
-    queue = Queue(event_log.pool)
-    order = []
-    for _ in range(3):
-        (claim,) = await queue.claim("w", ["demo", "other"], limit=1, lease_s=30)
-        order.append(claim.task)
+    order = await _claimed_one_by_one(Queue(event_log.pool), ["demo", "other"], 3)
     assert order == [urgent.task, old.task, later.task]
 
 

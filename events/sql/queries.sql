@@ -145,9 +145,13 @@ SELECT t.id, t.view, t.created_at, e.xid, e.seq
 SELECT t.id, t.status FROM tasks AS t WHERE t.id = ANY ($1::text[]);
 
 -- name: waiting_on
--- Waiting tasks that depend on any of $1.
-SELECT DISTINCT t.id FROM task_dependencies AS d JOIN tasks AS t ON t.id = d.task_id
- WHERE d.depends_on = ANY ($1::text[]) AND t.status = 'waiting';
+-- Waiting tasks that depend on any of $1. Each dependant is looked up on its own (LIMIT
+-- keeps the lookup from becoming a join): a plan made while `tasks` was small would
+-- otherwise join it by a sequential scan, and keep doing so as the table grows.
+SELECT DISTINCT d.task_id AS id FROM task_dependencies AS d
+ CROSS JOIN LATERAL (SELECT 1 FROM tasks AS t
+                      WHERE t.id = d.task_id AND t.status = 'waiting' LIMIT 1) AS waiting
+ WHERE d.depends_on = ANY ($1::text[]);
 
 -- name: waiting_tasks
 SELECT t.id FROM tasks AS t WHERE t.status = 'waiting' ORDER BY t.created_at LIMIT $1;

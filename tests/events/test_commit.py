@@ -23,6 +23,7 @@ from events.log import CreateTask, EventLog
 from events.model import EventType, JobChange, NewEvent
 from events.queue import Queue
 from events.runtime import RunContext, run_claim
+from events.sql import q
 from tests.plans import explaining, most_discarded
 from tests.waiting import eventually_async
 
@@ -106,6 +107,41 @@ async def test_no_batch_function_compares_the_items_of_its_batch_pair_by_pair(da
         assert most_discarded(plans, node="Nested Loop") < len(creates)
     finally:
         await conn.close()
+
+
+async def test_statements_planned_on_a_new_database_still_use_their_indexes_once_it_grew(
+        database_url: str) -> None:
+    """A process that started on a new database keeps reaching `tasks` and `jobs` by index
+    as they grow: its create, claim, append and dependants' lookup, planned (and their plans
+    cached) while the tables held one task, scan neither table after 400 more tasks."""
+    async def one_task(conn: asyncpg.Connection) -> None:
+        now = datetime.now(UTC)
+        data = CreateTask("demo", "p").data()
+        task = new_task_id()
+        await create_batch(conn, [Create(task, "demo", "p", created_view(task, data, iso(now)), 0, data,
+                                         now, JobChange.QUEUED, None, "p", None)])
+        (claimed,) = await conn.fetch("SELECT * FROM taskcast_claim_start('w', '{demo}', 1, 30, NULL)")
+        done = _append(claimed["view"], NewEvent(E.TASK_COMPLETED, {"result": None}),
+                       fence=claimed["fence"], job_state=JobChange.DONE)
+        assert [len(stored) for stored in await append_batch(conn, [done])] == [1]  # type: ignore[arg-type]
+        for _ in range(6):  # past asyncpg's and PostgreSQL's first custom plans: the generic one
+            await conn.fetch(q("waiting_on"), [task])
+
+    conn, other = await db.connect(database_url), await db.connect(database_url)
+    try:
+        await one_task(conn)
+        now = datetime.now(UTC)
+        data = CreateTask("demo", "p").data()
+        more = [new_task_id() for _ in range(400)]
+        await create_batch(other, [Create(t, "demo", "p", created_view(t, data, iso(now)), 0, data, now,
+                                          JobChange.QUEUED, None, "p", None) for t in more])
+        plans = await explaining(conn)
+        await one_task(conn)
+        scans = [line.strip() for plan in plans for line in plan.splitlines()
+                 if "Seq Scan on tasks" in line or "Seq Scan on jobs" in line]
+        assert scans == []
+    finally:
+        await asyncio.gather(conn.close(), other.close())
 
 
 async def test_an_item_without_events_writes_nothing_and_fails_nothing(event_log: EventLog) -> None:

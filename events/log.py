@@ -205,14 +205,8 @@ class EventLog:
         Only taskcast's own writers in flight hold it back (invariant 10)."""
         xid, seq = split(after)
         async with db.acquire(self.pool) as conn:
-            # Two statements: the read's snapshot must be taken after the bound was read.
-            bound = (await bound_on(conn)).xid
-            if task is not None:
-                rows = await conn.fetch(q("read_after_task"), xid, seq, limit, task, bound)
-            elif scope is not None:
-                rows = await conn.fetch(q("read_after_scope"), xid, seq, limit, scope, bound)
-            else:
-                rows = await conn.fetch(q("read_after"), xid, seq, limit, bound)
+            # One call, two statements: the read's snapshot is taken after the bound's.
+            rows = await conn.fetch(q("read_after"), xid, seq, limit, task, scope)
         return [event_from_row(r) for r in rows]
 
     async def head(self) -> Position:

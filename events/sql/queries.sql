@@ -3,36 +3,17 @@
 -- gave just before (events/bound.py): a taskcast transaction that commits later can never land
 -- behind a position already read (invariant 4), and nothing else on the server holds the
 -- read back (invariant 10). Each read is its own statement, so its snapshot is taken after
--- `writers` ran: that order is what makes the bound safe.
+-- `writers` ran: that order is what makes the bound safe (`read_after` keeps it inside one
+-- function call).
 
 -- name: writers
 SELECT x0, cluster_xmin, pid, xid, age_s FROM taskcast_writers();
 
 -- name: read_after
-SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at
-  FROM events AS e
- WHERE (e.xid, e.seq) > ($1::xid8, $2::bigint)
-   AND e.xid < $4::xid8
- ORDER BY e.xid, e.seq
- LIMIT $3;
-
--- name: read_after_scope
-SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at
-  FROM events AS e
- WHERE e.scope = $4
-   AND (e.xid, e.seq) > ($1::xid8, $2::bigint)
-   AND e.xid < $5::xid8
- ORDER BY e.xid, e.seq
- LIMIT $3;
-
--- name: read_after_task
-SELECT e.xid, e.seq, e.task_id, e.version, e.scope, e.type, e.data, e.at
-  FROM events AS e
- WHERE e.task_id = $4
-   AND (e.xid, e.seq) > ($1::xid8, $2::bigint)
-   AND e.xid < $5::xid8
- ORDER BY e.version
- LIMIT $3;
+-- The bound, then the events below it, in one round trip (migrations/0009_reads_in_one_trip.sql):
+-- $4 a task (its events in version order) or $5 a scope, or neither.
+SELECT xid, seq, task_id, version, scope, type, data, at
+  FROM taskcast_read_after($1::xid8, $2::bigint, $3::integer, $4::text, $5::text);
 
 -- name: head
 SELECT e.xid, e.seq

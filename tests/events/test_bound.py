@@ -44,6 +44,21 @@ def test_widen_crosses_the_epoch_boundary_both_ways() -> None:
         widen(XID_EPOCH, before)
 
 
+async def test_the_one_trip_read_widens_xids_as_the_bound_does(database_url: str) -> None:
+    """The bound taskcast_read_after computes in SQL widens a writer's 32-bit xid as
+    events.bound.widen does: in its epoch, and across the boundary both ways."""
+    cases = [(1000, 7 * XID_EPOCH + 1000), (900, 7 * XID_EPOCH + 1000), (1100, 7 * XID_EPOCH + 1000),
+             (XID_EPOCH - 10, 3 * XID_EPOCH + 5), (4, 3 * XID_EPOCH - 5),
+             (XID_EPOCH // 2, 5 * XID_EPOCH), (XID_EPOCH // 2 - 1, 5 * XID_EPOCH)]
+    conn = await asyncpg.connect(database_url)
+    try:
+        widened = [int(await conn.fetchval("SELECT taskcast_widen($1::text::xid, $2::text::xid8)::text",
+                                           str(xid), str(near))) for xid, near in cases]
+    finally:
+        await conn.close()
+    assert widened == [widen(xid, near) for xid, near in cases]
+
+
 def test_the_bound_is_the_oldest_writer_capped_by_x0() -> None:
     """min(x0, writers' xids); a writer without an xid, or newer than x0, does not hold it."""
     x0 = 2 * XID_EPOCH + 500

@@ -34,7 +34,8 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
                       "task_dependencies", "task_traces", "taskcast_migrations"}
     assert functions == {"taskcast_append_batch", "taskcast_create_batch", "taskcast_claim",
                          "taskcast_claim_start", "taskcast_remember_key", "taskcast_announce",
-                         "taskcast_events_announced", "taskcast_writers", "taskcast_used_keys"}
+                         "taskcast_events_announced", "taskcast_writers", "taskcast_used_keys",
+                         "taskcast_read_after", "taskcast_widen"}
     assert columns["xid"] == "xid8" and columns["data"] == "jsonb"
     assert triggers == {"events_announced"}
 

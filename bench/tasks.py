@@ -45,7 +45,7 @@ from subprocs import (
 from events import db
 from events.aio import wait_event
 from events.log import CreateTask, EventLog
-from events.relay.bus import wake_channel
+from events.relay.bus import PROTOCOL, wake_channel
 
 IDLE_TASKS = 200
 IDLE_WARMUP = 10
@@ -208,7 +208,8 @@ async def main(idle_tasks: int, bulk_tasks: int) -> None:
 
 async def run(idle_tasks: int, bulk_tasks: int, deadline: float, channel: str, workspace: str) -> None:
     async with asyncio.timeout(BUDGET_S), scratch_database("tasks") as url, \
-            Children(url, REDIS_URL, channel) as children, Redis.from_url(REDIS_URL) as redis:
+            Children(url, REDIS_URL, channel) as children, \
+            Redis.from_url(REDIS_URL, protocol=PROTOCOL) as redis:
         # A worker refuses to start without a workspace root (the built-in kinds' directories).
         children.env["TASKCAST_WORKSPACE_ROOT"] = workspace
         pool = await db.create_pool(url, min_size=2, max_size=CREATORS)

@@ -79,16 +79,24 @@ def check_url(url: str) -> None:
         raise ValueError("must be redis://, rediss://, unix:// or redis+cluster://host:port[,...]")
 
 
+# RESP2, whatever redis-py's default: with RESP3 (its default since 8.0) every pub/sub
+# message goes through a push handler that formats the whole message for a debug line
+# before the log level is checked (redis/redis-py#4230, fixed after 8.1.0). A node spent
+# a fifth of its CPU there during a drain (py-spy); nothing here needs RESP3.
+PROTOCOL = 2
+
+
 def connect(url: str) -> Client:
     """A client of the Redis `url` names (see the module docstring). Raises ValueError."""
     cluster = cluster_nodes(url)
     if cluster is None:
-        return Redis.from_url(url)
+        return Redis.from_url(url, protocol=PROTOCOL)
     user, password, nodes = cluster
     # No backoff, one retry (on the slots' new owner after a failover): a publish that
     # fails is repaired from the log by the nodes, and must not hold the relay back.
     return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], username=user,
-                        password=password, require_full_coverage=False, retry=Retry(NoBackoff(), 1))
+                        password=password, require_full_coverage=False, retry=Retry(NoBackoff(), 1),
+                        protocol=PROTOCOL)
 
 
 class Bus(Protocol):
@@ -212,7 +220,7 @@ class ClusterBus:
             raise RedisError(f"no master owns the slot of {channel}")
         kwargs = node.connection_kwargs
         client = Redis(host=node.host, port=int(node.port), username=kwargs.get("username"),
-                       password=kwargs.get("password"))
+                       password=kwargs.get("password"), protocol=PROTOCOL)
         try:
             async with subscribed(client, channel, sharded=True) as pubsub:
                 yield pubsub

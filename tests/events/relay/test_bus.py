@@ -46,6 +46,18 @@ async def test_the_url_picks_the_bus() -> None:
         await cluster.aclose()
 
 
+async def test_the_clients_speak_resp2_whatever_redis_py_defaults_to() -> None:
+    """Both kinds of client speak RESP2: under RESP3 redis-py formats every pub/sub message
+    as text for a debug line, at any log level (redis/redis-py#4230; a fifth of a node's CPU)."""
+    plain, cluster = connect("redis://127.0.0.1:1/0"), connect("redis+cluster://127.0.0.1:1")
+    try:
+        assert plain.get_connection_kwargs()["protocol"] == 2
+        assert cluster.get_connection_kwargs()["protocol"] == 2
+    finally:
+        await plain.aclose()
+        await cluster.aclose()
+
+
 def test_partitions_take_equal_shares_of_the_slots() -> None:
     """Each partition's shard channel hashes into its own 1/PARTITIONS of the slots (so the
     masters of a cluster share them), whatever the relay's channel is called."""

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import uvloop
+from hypothesis import settings as hypothesis_settings
 
 from cli.embedded import EmbeddedPostgres, EmbeddedServerError, start_postgres, stop_postgres
 from cli.embedded.cluster import EmbeddedCluster, start_cluster, stop_cluster
@@ -37,6 +38,11 @@ from tests.restarting import Restartable
 Launch = Callable[..., Awaitable[Process]]  # the `launch` fixture: start a Process, changed settings
 
 _counter = itertools.count()
+
+# No per-example deadline for the property tests: on a shared machine one example's wall
+# time says nothing of the code (a 200 ms deadline failed a frame fuzz test under load).
+hypothesis_settings.register_profile("taskcast", deadline=None)
+hypothesis_settings.load_profile("taskcast")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
@@ -63,10 +64,14 @@ class CreateTask:
 _TYPES = {t.value: t for t in EventType}  # a dict lookup: EventType(value) costs ten times more
 
 
+# The events of one commit share their time, so a read formats each time once (1.7 us a
+# call, against 0.14 for a hit).
+_stamp = lru_cache(maxsize=1024)(iso)
+
+
 def event_from_row(row: asyncpg.Record) -> Event:
-    return Event(task=TaskId(row["task_id"]), version=row["version"], type=_TYPES[row["type"]],
-                 data=row["data"], at=iso(row["at"]), position=position(row["xid"], row["seq"]),
-                 scope=row["scope"])
+    return Event(row["task_id"], row["version"], _TYPES[row["type"]], row["data"], _stamp(row["at"]),
+                 position(row["xid"], row["seq"]), row["scope"])
 
 
 class EventLog:

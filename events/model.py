@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from events.errors import IllegalTransition
 from events.ids import Position, TaskId
@@ -108,9 +108,10 @@ class NewEvent:
     data: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """An event of the log."""
+class Event(NamedTuple):
+    """An event of the log. A value, like the frozen dataclasses elsewhere, but a named tuple:
+    the relay builds one per event it reads and a node one per event it fills in, and a
+    frozen dataclass of seven fields costs 1.07 us to build against 0.25 us (timeit)."""
 
     task: TaskId
     version: int

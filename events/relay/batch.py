@@ -22,6 +22,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -30,9 +31,9 @@ from events.ids import Position, TaskId, decode, encode
 from events.model import Event
 
 
-@dataclass(frozen=True, slots=True)
-class Update:
-    """One event as a node routes it."""
+class Update(NamedTuple):
+    """One event as a node routes it. A named tuple, as `events.model.Event` is: built once
+    per event by the relay and again by every node."""
 
     position: Position
     task: TaskId

@@ -416,7 +416,7 @@ async def _fail_crashed(ctx: RunContext, exc: Exception) -> Status | None:
 
 
 async def _run(ctx: RunContext, kind: KindSpec, cancel_grace_s: float) -> Status | None:
-    if Status(ctx.view["status"]) in (Status.QUEUED, Status.RETRYING):
+    if ctx.view["status"] in (Status.QUEUED, Status.RETRYING):
         await ctx.write([NewEvent(E.TASK_STARTED, {"worker": ctx.worker, "attempt": ctx.attempt})])
     timed_out = asyncio.Event()
     left = deadline(ctx.view)

@@ -34,15 +34,13 @@ dev, serve, worker, relay and migrate read DATABASE_URL and REDIS_URL from the e
 create and watch talk to a running server (--url, TASKCAST_URL; --token, TASKCAST_TOKEN)."""
 
 
-def _run(coro: object) -> None:
+def _run(coro: object, *, young: int = 10_000) -> None:
     # What is alive now (modules, settings) lives as long as the process: frozen, the
-    # collector never scans it again. And a young generation of 50,000 objects, not 700:
+    # collector never scans it again. And a young generation of `young` objects, not 700:
     # each task's events, views and futures are many small containers, which at the
-    # default made the worker collect thousands of times a second. (10,000 -> 50,000:
-    # the worker's CPU per task in a drain 190/199 -> 173/187 us, alternated runs; what
-    # waits for a collection is at most 50,000 objects in cycles, a few megabytes.)
+    # default made the worker collect thousands of times a second.
     gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
+    gc.set_threshold(young, 20, 20)
     try:
         import uvloop
 
@@ -151,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         roles = Roles(relay=True)
     _configure_tracing(args.command)
-    _run(Process(settings, roles).run_until_signal())
+    # A worker collects every 50,000 young objects: its CPU per task in a drain went
+    # 190/199 -> 173/187 us (alternated runs, against 10,000). A node keeps 10,000: with
+    # 50,000 its commit -> socket p99 at 1,000 sockets was 19.2/21.8/21.9 ms against
+    # 25.0/17.0/16.3 (alternated, bench/latency_fanout.py), fewer but longer pauses.
+    _run(Process(settings, roles).run_until_signal(), young=50_000 if args.command == "worker" else 10_000)
     return 0
 
 

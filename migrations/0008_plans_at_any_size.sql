@@ -11,7 +11,9 @@
 -- them: what remains costs as much as its rows. `jit = off` beside it, as in 0007: a
 -- disabled plan node's cost (10^10) would otherwise have PostgreSQL compile the plan.
 --
--- Only settings change: every signature, answer and body stays as it was.
+-- Only settings change: every signature, answer and body stays as it was. A later
+-- CREATE OR REPLACE of one of these functions replaces its settings with those it names:
+-- it must name these again (tests/events/test_migrate.py checks them).
 DO $$
 DECLARE
     f regprocedure;
@@ -19,9 +21,8 @@ BEGIN
     FOR f IN
         SELECT p.oid FROM pg_proc AS p
          WHERE pg_function_is_visible(p.oid)
-           AND p.proname IN ('taskcast_append', 'taskcast_append_batch', 'taskcast_claim',
-                             'taskcast_claim_start', 'taskcast_create', 'taskcast_create_batch',
-                             'taskcast_remember_key', 'taskcast_used_keys')
+           AND p.proname IN ('taskcast_append_batch', 'taskcast_claim', 'taskcast_claim_start',
+                             'taskcast_create_batch', 'taskcast_remember_key', 'taskcast_used_keys')
     LOOP
         EXECUTE format('ALTER FUNCTION %s SET enable_seqscan = off SET jit = off', f);
     END LOOP;

@@ -29,6 +29,8 @@ CREATE FUNCTION taskcast_read_after(
     p_scope  text DEFAULT NULL   -- one scope's events
 ) RETURNS TABLE (xid xid8, seq bigint, task_id text, version integer, scope text, type text,
                  data jsonb, at timestamptz)
+-- VOLATILE is what keeps invariant 4: a STABLE function's statements would all share the
+-- calling statement's snapshot, older than the bound (tests/events/test_migrate.py checks it).
 LANGUAGE plpgsql VOLATILE
 -- By index at any size of `events` (0008), and no JIT for the disabled scan's cost.
 SET enable_seqscan = off SET jit = off AS $$

@@ -12,8 +12,10 @@ SELECT x0, cluster_xmin, pid, xid, age_s FROM taskcast_writers();
 -- name: read_after
 -- The bound, then the events below it, in one round trip (migrations/0009_reads_in_one_trip.sql):
 -- $4 a task (its events in version order) or $5 a scope, or neither.
-SELECT xid, seq, task_id, version, scope, type, data, at
-  FROM taskcast_read_after($1::xid8, $2::bigint, $3::integer, $4::text, $5::text);
+-- In the function's order (a function scan keeps it, but only ORDER BY promises it).
+SELECT r.xid, r.seq, r.task_id, r.version, r.scope, r.type, r.data, r.at
+  FROM taskcast_read_after($1::xid8, $2::bigint, $3::integer, $4::text, $5::text) WITH ORDINALITY AS r
+ ORDER BY r.ordinality;
 
 -- name: head
 SELECT e.xid, e.seq

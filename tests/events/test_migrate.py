@@ -40,6 +40,26 @@ async def test_the_migrated_schema_has_the_expected_tables_and_functions(databas
     assert triggers == {"events_announced"}
 
 
+async def test_the_functions_keep_the_settings_their_plans_and_snapshots_need(database_url: str) -> None:
+    """Every batch function reaches its tables by index at any size, without JIT (0008), and
+    the one-trip read is VOLATILE, so each of its statements has a fresh snapshot (0009,
+    invariant 4): a later CREATE OR REPLACE that forgot either would fail here."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT proname, provolatile, coalesce(proconfig, '{}') AS config "
+                                "FROM pg_proc WHERE proname LIKE 'taskcast_%'")
+    finally:
+        await conn.close()
+    batch = {"taskcast_append_batch", "taskcast_claim", "taskcast_claim_start", "taskcast_create_batch",
+             "taskcast_remember_key", "taskcast_used_keys", "taskcast_read_after"}
+    missing = [(r["proname"], r["config"]) for r in rows if r["proname"] in batch
+               and not {"enable_seqscan=off", "jit=off"} <= set(r["config"])]
+    assert missing == []
+    assert {r["proname"]: r["provolatile"] for r in rows
+            if r["proname"] in ("taskcast_read_after", "taskcast_writers")} == \
+        {"taskcast_read_after": b"v", "taskcast_writers": b"v"}  # "char" comes as bytes
+
+
 async def test_migrating_twice_applies_nothing(database_url: str) -> None:
     """The runner records what it applied."""
     assert await migrate(database_url) == []

@@ -33,3 +33,26 @@ def most_discarded(plans: list[str], *, node: str = "") -> int:
             elif (found := _DISCARDED.search(line)) and node in current:
                 most = max(most, int(found[2]))
     return most
+
+
+def whole_scans(plans: list[str], tables: tuple[str, ...]) -> list[str]:
+    """The plan nodes that read all of one of `tables`: a sequential scan, or an index scan
+    with no Index Cond (the whole index, in its order)."""
+    found: list[str] = []
+    for plan in plans:
+        lines = plan.splitlines()
+        for i, line in enumerate(lines):
+            node = line.strip().removeprefix("->").strip()
+            if not any(f" on {t} " in f"{node} " for t in tables):
+                continue
+            if node.startswith("Seq Scan"):
+                found.append(node)
+            elif "Index" in node and "Scan" in node:
+                details = []
+                for later in lines[i + 1:]:
+                    if _NODE.match(later):
+                        break
+                    details.append(later)
+                if not any("Index Cond" in d for d in details):
+                    found.append(node)
+    return found

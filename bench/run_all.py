@@ -9,9 +9,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("append.py", "relay_latency.py", "ack_latency.py", "idle_memory.py", "fanout.py",
            "fanout.py --redis-cluster", "latency_fanout.py", "latency_fanout.py --redis-cluster",
-           "tasks.py", "start_latency.py", "drain.py", "read_bound.py")
+           "tasks.py", "start_latency.py", "drain.py", "read_bound.py", "cpu_per_task.py")
 TIMEOUT_S = 120  # each script stops itself within 90 s; this only catches a hang
-LONGER_S = {"drain.py": 270}  # drain.py stops itself within 240 s
+LONGER_S = {"drain.py": 510}  # drain.py stops itself within 480 s
 STOP_GRACE_S = 20
 
 

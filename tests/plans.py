@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
 import asyncpg
 
@@ -22,37 +23,38 @@ async def explaining(conn: asyncpg.Connection) -> list[str]:
     return plans
 
 
+def _nodes(plans: list[str]) -> Iterator[tuple[str, list[str]]]:
+    """Each plan node's line, and the detail lines under it (conditions, rows removed)."""
+    for plan in plans:
+        node: str | None = None
+        details: list[str] = []
+        for line in plan.splitlines():
+            if _NODE.match(line):
+                if node is not None:
+                    yield node, details
+                node, details = line, []
+            elif node is not None:
+                details.append(line)
+        if node is not None:
+            yield node, details
+
+
 def most_discarded(plans: list[str], *, node: str = "") -> int:
     """The most rows one plan node (whose line contains `node`) read and threw away: a
     filter's, or a join's (each pair of rows a nested loop compared and did not keep)."""
-    most, current = 0, ""
-    for plan in plans:
-        for line in plan.splitlines():
-            if _NODE.match(line):
-                current = line
-            elif (found := _DISCARDED.search(line)) and node in current:
-                most = max(most, int(found[2]))
-    return most
+    return max((int(found[2]) for line, details in _nodes(plans) if node in line
+                for detail in details if (found := _DISCARDED.search(detail))), default=0)
 
 
 def whole_scans(plans: list[str], tables: tuple[str, ...]) -> list[str]:
     """The plan nodes that read all of one of `tables`: a sequential scan, or an index scan
     with no Index Cond (the whole index, in its order)."""
     found: list[str] = []
-    for plan in plans:
-        lines = plan.splitlines()
-        for i, line in enumerate(lines):
-            node = line.strip().removeprefix("->").strip()
-            if not any(f" on {t} " in f"{node} " for t in tables):
-                continue
-            if node.startswith("Seq Scan"):
-                found.append(node)
-            elif "Index" in node and "Scan" in node:
-                details = []
-                for later in lines[i + 1:]:
-                    if _NODE.match(later):
-                        break
-                    details.append(later)
-                if not any("Index Cond" in d for d in details):
-                    found.append(node)
+    for line, details in _nodes(plans):
+        node = line.strip().removeprefix("->").strip()
+        if not any(f" on {t} " in f"{node} " for t in tables):
+            continue
+        if node.startswith("Seq Scan") or ("Index" in node and "Scan" in node
+                                           and not any("Index Cond" in d for d in details)):
+            found.append(node)
     return found

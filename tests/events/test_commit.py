@@ -30,6 +30,14 @@ from tests.waiting import eventually_async
 E = EventType
 
 
+def _create(task: TaskId, key: str | None = None) -> Create:
+    """A create of a queued `demo` task in scope `p`, as principal `p`."""
+    now = datetime.now(UTC)
+    data = CreateTask("demo", "p").data()
+    return Create(task, "demo", "p", created_view(task, data, iso(now)), 0, data, now, JobChange.QUEUED,
+                  None, "p", key)
+
+
 def _append(view: View, event: NewEvent, **fields: object) -> Append:
     now = datetime.now(UTC)
     new = apply(view, TaskId(view["id"]), view["version"] + 1, event.type, event.data, "t")
@@ -89,11 +97,7 @@ async def test_no_batch_function_compares_the_items_of_its_batch_pair_by_pair(da
     conn = await db.connect(database_url)
     try:
         plans = await explaining(conn)
-        now = datetime.now(UTC)
-        data = CreateTask("demo", "p").data()
-        creates = [Create(task, "demo", "p", created_view(task, data, iso(now)), 0, data, now,
-                          JobChange.QUEUED, None, "p", f"key {i}")
-                   for i, task in enumerate(new_task_id() for _ in range(200))]
+        creates = [_create(new_task_id(), f"key {i}") for i in range(200)]
         created = await create_batch(conn, creates)
         assert [(c.task, c.duplicate) for c in created] == [(c.task, False) for c in creates]
         claimed = await conn.fetch("SELECT * FROM taskcast_claim_start('w', '{demo}', 200, 30, NULL)")
@@ -116,11 +120,8 @@ async def test_statements_planned_on_a_new_database_still_use_their_indexes_once
     cached) while the tables held one task, read neither table whole (by a sequential scan or
     a whole index) after 400 more tasks."""
     async def one_task(conn: asyncpg.Connection) -> None:
-        now = datetime.now(UTC)
-        data = CreateTask("demo", "p").data()
         task = new_task_id()
-        await create_batch(conn, [Create(task, "demo", "p", created_view(task, data, iso(now)), 0, data,
-                                         now, JobChange.QUEUED, None, "p", None)])
+        await create_batch(conn, [_create(task)])
         (claimed,) = await conn.fetch("SELECT * FROM taskcast_claim_start('w', '{demo}', 1, 30, NULL)")
         done = _append(claimed["view"], NewEvent(E.TASK_COMPLETED, {"result": None}),
                        fence=claimed["fence"], job_state=JobChange.DONE)
@@ -131,11 +132,7 @@ async def test_statements_planned_on_a_new_database_still_use_their_indexes_once
     conn, other = await db.connect(database_url), await db.connect(database_url)
     try:
         await one_task(conn)
-        now = datetime.now(UTC)
-        data = CreateTask("demo", "p").data()
-        more = [new_task_id() for _ in range(400)]
-        await create_batch(other, [Create(t, "demo", "p", created_view(t, data, iso(now)), 0, data, now,
-                                          JobChange.QUEUED, None, "p", None) for t in more])
+        await create_batch(other, [_create(new_task_id()) for _ in range(400)])
         plans = await explaining(conn)
         await one_task(conn)
         assert whole_scans(plans, ("tasks", "jobs")) == []

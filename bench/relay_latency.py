@@ -31,14 +31,13 @@ from benchlib import (
     start_waker,
     unique,
 )
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from events import db
 from events.ids import Position
 from events.log import EventLog
 from events.relay.batch import decode_batch
-from events.relay.bus import PROTOCOL
+from events.relay.bus import connect
 from events.relay.publisher import Relay, RelayConfig
 
 RATE = 1000  # events/s, all writers together
@@ -105,7 +104,7 @@ async def main() -> None:
     channel = unique("taskcast:bench:relay")
     async with asyncio.timeout(BUDGET_S), scratch_database("relay") as url:
         pool = await db.create_pool(url, min_size=4, max_size=POOL)
-        redis = Redis.from_url(REDIS_URL, protocol=PROTOCOL)  # as events.relay.bus.connect
+        redis = connect(REDIS_URL)
         pubsub = redis.pubsub(ignore_subscribe_messages=True)
         received = Received()
         background: list[asyncio.Task[None]] = []

@@ -31,7 +31,6 @@ import asyncpg
 import psutil
 import uvloop
 from benchlib import REDIS_URL, latency_line, scratch_database, unique
-from redis.asyncio import Redis
 from subprocs import (
     Background,
     Child,
@@ -45,7 +44,7 @@ from subprocs import (
 from events import db
 from events.aio import wait_event
 from events.log import CreateTask, EventLog
-from events.relay.bus import PROTOCOL, wake_channel
+from events.relay.bus import Client, connect, wake_channel
 
 IDLE_TASKS = 200
 IDLE_WARMUP = 10
@@ -58,7 +57,7 @@ BUDGET_S = 85.0
 CLEANUP_S = 12.0  # stopping the workers, dropping the database
 
 
-async def idle_latency(log: EventLog, url: str, count: int, warmup: int, redis: Redis,
+async def idle_latency(log: EventLog, url: str, count: int, warmup: int, redis: Client,
                        channel: str) -> tuple[list[float], list[float]]:
     """(seconds from create() returning to seeing task.started, ... to its `at`) per task."""
     listener = await asyncpg.connect(url)
@@ -208,8 +207,7 @@ async def main(idle_tasks: int, bulk_tasks: int) -> None:
 
 async def run(idle_tasks: int, bulk_tasks: int, deadline: float, channel: str, workspace: str) -> None:
     async with asyncio.timeout(BUDGET_S), scratch_database("tasks") as url, \
-            Children(url, REDIS_URL, channel) as children, \
-            Redis.from_url(REDIS_URL, protocol=PROTOCOL) as redis:
+            Children(url, REDIS_URL, channel) as children, connect(REDIS_URL) as redis:
         # A worker refuses to start without a workspace root (the built-in kinds' directories).
         children.env["TASKCAST_WORKSPACE_ROOT"] = workspace
         pool = await db.create_pool(url, min_size=2, max_size=CREATORS)

@@ -24,6 +24,7 @@ from typing import Any
 
 import uvloop
 
+from cli.main import WORKER_YOUNG_OBJECTS
 from events.clock import SystemClock, iso
 from events.commit import prepare, view_after
 from events.fold import View, apply, created_view
@@ -131,7 +132,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
     gc.freeze()
-    gc.set_threshold(50_000, 20, 20)  # as a worker sets it (cli/main.py)
+    gc.set_threshold(WORKER_YOUNG_OBJECTS, 20, 20)  # as a worker sets it
     relay = uvloop.run(relay_us(TASKS, args.rounds))
     worker = uvloop.run(worker_us(RUNS, RUN_BATCH))
     print(f"CPU per one-step task, best of {args.rounds} rounds (relay) and of {RUNS // RUN_BATCH} "

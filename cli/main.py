@@ -34,11 +34,20 @@ dev, serve, worker, relay and migrate read DATABASE_URL and REDIS_URL from the e
 create and watch talk to a running server (--url, TASKCAST_URL; --token, TASKCAST_TOKEN)."""
 
 
-def _run(coro: object, *, young: int = 10_000) -> None:
+# The young generation the collector lets fill before it runs (the default is 700): each
+# task's events, views and futures are many small containers, which at the default made
+# the worker collect thousands of times a second. A worker collects every 50,000: its CPU
+# per task in a drain went 190/199 -> 173/187 us (alternated runs, against 10,000). A node
+# (and a relay) keeps 10,000: with 50,000 a node's commit -> socket p99 at 1,000 sockets
+# was 19.2/21.8/21.9 ms against 25.0/17.0/16.3 (alternated, bench/latency_fanout.py),
+# fewer pauses but longer ones.
+YOUNG_OBJECTS = 10_000
+WORKER_YOUNG_OBJECTS = 50_000
+
+
+def _run(coro: object, *, young: int = YOUNG_OBJECTS) -> None:
     # What is alive now (modules, settings) lives as long as the process: frozen, the
-    # collector never scans it again. And a young generation of `young` objects, not 700:
-    # each task's events, views and futures are many small containers, which at the
-    # default made the worker collect thousands of times a second.
+    # collector never scans it again.
     gc.freeze()
     gc.set_threshold(young, 20, 20)
     try:
@@ -149,11 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         roles = Roles(relay=True)
     _configure_tracing(args.command)
-    # A worker collects every 50,000 young objects: its CPU per task in a drain went
-    # 190/199 -> 173/187 us (alternated runs, against 10,000). A node keeps 10,000: with
-    # 50,000 its commit -> socket p99 at 1,000 sockets was 19.2/21.8/21.9 ms against
-    # 25.0/17.0/16.3 (alternated, bench/latency_fanout.py), fewer but longer pauses.
-    _run(Process(settings, roles).run_until_signal(), young=50_000 if args.command == "worker" else 10_000)
+    _run(Process(settings, roles).run_until_signal(),
+         young=WORKER_YOUNG_OBJECTS if args.command == "worker" else YOUNG_OBJECTS)
     return 0
 
 

@@ -127,6 +127,46 @@ async def test_events_flow_while_foreign_write_transactions_stay_open(
             await asyncio.gather(running, return_exceptions=True)
 
 
+async def test_a_backlog_and_writes_meanwhile_are_published_in_order_once(
+        settings: Settings, event_log: EventLog) -> None:
+    """A backlog of 12 full batches, and the writes while the relay works through it, go out
+    as one unbroken chain: every event once, in log order, no gap for a node to fill."""
+    config = RelayConfig(channel=settings.channel, batch_events=25)
+    async with _recording(settings) as (redis, messages):
+        first = Relay(settings.database_url, event_log, redis, config)
+        running = asyncio.create_task(first.run())
+        try:  # a first leader records where it starts: what comes after is the backlog
+            await asyncio.wait_for(first.leading.wait(), 10)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        start_head = await event_log.head()
+        backlog = await asyncio.gather(*(event_log.create(CreateTask("demo", "s")) for _ in range(300)))
+        relay = Relay(settings.database_url, event_log, redis, config)
+        running = asyncio.create_task(relay.run())
+        try:
+            await asyncio.wait_for(relay.leading.wait(), 10)
+            meanwhile = []
+            for _ in range(10):  # partial batches, and wake-ups while a batch is published
+                meanwhile += await asyncio.gather(*(event_log.create(CreateTask("demo", "s"))
+                                                    for _ in range(15)))
+            written = {a.position for a in [*backlog, *meanwhile]}
+            await eventually(lambda: _published(messages) >= written, 15)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+    head, routed = start_head, []
+    for _, message in messages:
+        decision = plan(head, decode_batch(message))
+        assert decision.fill_to is None or decision.fill_to <= start_head  # nothing skipped
+        for update in decision.route:
+            routed.append(update.position)
+            head = update.position
+    assert routed == sorted(set(routed)) and written <= set(routed)
+    sent = [u.position for _, m in messages for u in decode_batch(m).updates]
+    assert sent == sorted(set(sent))  # nor published twice, which a node would only drop
+
+
 def _positions(message: bytes) -> set[Position]:
     return {u.position for u in decode_batch(message).updates}
 

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
+import orjson
 import pytest
 
 from cli.process import Process
 from events.errors import IllegalTransition
-from events.fold import apply, rebuild
+from events.fold import (
+    COMPACT_OPTIONS,
+    COMPACT_QUESTIONS,
+    COMPACT_RESULT_BYTES,
+    COMPACT_STEPS,
+    COMPACT_TAIL_CHARS,
+    COMPACT_TEXT_CHARS,
+    apply,
+    compact,
+    rebuild,
+)
 from events.ids import TaskId
 from events.log import EventLog
 from events.model import TERMINAL, TRANSITIONS, EventType, Status, next_status
@@ -49,6 +63,56 @@ def test_apply_never_mutates_its_input() -> None:
     before = repr(view)
     apply(view, T, 3, E.STEP_STARTED, {"step": "a"}, "t")
     assert repr(view) == before
+
+
+def _grown(steps: int, *, output: list[str], result: object, error: str | None,
+           questions: int = 15, chars: int = 900) -> dict[str, Any]:
+    view = apply(_created(input={"big": "i" * 10_000}), T, 2, E.TASK_STARTED, {}, "t")
+    events: list[tuple[EventType, dict[str, Any]]] = [(E.STEP_STARTED, {"step": "kept running"})]
+    for n in range(steps):
+        events += [(E.STEP_STARTED, {"step": f"s{n}"}),
+                   (E.STEP_PROGRESS, {"step": f"s{n}", "progress": 0.5, "message": "m" * (n * 40)}),
+                   (E.STEP_COMPLETED, {"step": f"s{n}", "result": {"n": n}})]
+    events.append((E.STEP_OUTPUT, {"step": "kept running", "lines": output}))
+    for version, (type_, data) in enumerate(events, start=view["version"] + 1):
+        view = apply(view, T, version, type_, data, "t")
+    view = {**view, "result": result, "error": error, "answers": {"q_1": "yes"},
+            "questions": [{"question": f"q_{n}", "type": "t", "prompt": "p" * chars,
+                           "options": [f"o{k}" * (chars // 15) for k in range(questions * 2)]}
+                          for n in range(questions)]}
+    return view
+
+
+def test_a_compact_view_is_bounded_and_leaves_the_view_as_it_was() -> None:
+    """compact() keeps the last steps and every running one, without results, with texts,
+    the output tail, questions and a large result cut to their bounds; the view is unchanged."""
+    view = _grown(30, output=[f"line {n} " + "o" * 300 for n in range(40)], result="r" * 5000,
+                  error="e" * 2000)
+    before = copy.deepcopy(view)
+    out = compact(view)
+    assert view == before
+    assert "input" not in out and "answers" not in out and out["steps_count"] == 31
+    names = [s["name"] for s in out["steps"]]
+    assert names == ["kept running", *[f"s{n}" for n in range(30 - COMPACT_STEPS, 30)]]
+    assert all("result" not in s and len(s.get("message", "")) <= COMPACT_TEXT_CHARS for s in out["steps"])
+    tail = out["output_tail"]
+    assert tail[-1] == view["output_tail"][-1] and sum(map(len, tail)) <= COMPACT_TAIL_CHARS
+    assert len(out["questions"]) == COMPACT_QUESTIONS
+    assert all(len(q["prompt"]) == COMPACT_TEXT_CHARS and len(q["options"]) == COMPACT_OPTIONS
+               for q in out["questions"])
+    assert len(out["error"]) == COMPACT_TEXT_CHARS
+    assert out["result"] is None and out["result_truncated"] is True
+
+
+def test_a_small_view_compacts_to_itself_without_input_answers_and_step_results() -> None:
+    """Nothing of a small view is cut: compact() only leaves out the input, the answers and
+    the steps' results, and a small result stays."""
+    view = _grown(2, output=["a", "b"], result={"ok": 1}, error="e", questions=2, chars=30)
+    out = compact(view)
+    expected = {k: v for k, v in view.items() if k not in ("input", "answers")}
+    expected["steps"] = [{k: v for k, v in s.items() if k != "result"} for s in view["steps"]]
+    expected["steps_count"] = 3
+    assert out == expected and len(orjson.dumps(out["result"])) <= COMPACT_RESULT_BYTES
 
 
 def test_a_version_must_follow_the_view() -> None:

@@ -228,10 +228,18 @@ def _cut(text: Any, chars: int = COMPACT_TEXT_CHARS) -> Any:
 
 
 def _compact_step(step: dict[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in step.items() if k != "result"}
+    """`step` without its result and with its texts cut; `step` itself when that is all of
+    it (most steps: a view's dicts are never written once made, see `apply`)."""
+    out = step
+    if "result" in step:
+        out = step.copy()
+        del out["result"]
     for k in ("message", "error"):
-        if k in out:
-            out[k] = _cut(out[k])
+        text = out.get(k)
+        if isinstance(text, str) and len(text) > COMPACT_TEXT_CHARS:
+            if out is step:
+                out = step.copy()
+            out[k] = text[:COMPACT_TEXT_CHARS]
     return out
 
 
@@ -241,28 +249,40 @@ def compact(view: View) -> View:
     COMPACT_STEPS steps plus every running one (`steps_count` says how many there are),
     the newest output lines up to COMPACT_TAIL_CHARS, texts cut to COMPACT_TEXT_CHARS, and
     `result` only when it is small (else null, with `result_truncated`). Invariant 6: an
-    update frame does not grow with the input or with the number of events."""
+    update frame does not grow with the input or with the number of events.
+
+    The copy shares what it does not cut with `view` (steps, lines): read it, never write
+    it. The relay compacts every view it publishes, so the common case (few steps, short
+    texts) takes no copy it does not need."""
     out = view.copy()  # then without what is left out: cheaper than a filtering comprehension
     for key in _LEFT_OUT:
         out.pop(key, None)
     steps = view.get("steps") or []
-    first = max(0, len(steps) - COMPACT_STEPS)
-    out["steps"] = [_compact_step(s) for i, s in enumerate(steps)
-                    if i >= first or s.get("status") == "running"]
+    first = len(steps) - COMPACT_STEPS
+    if first <= 0:
+        out["steps"] = [_compact_step(s) for s in steps]
+    else:
+        out["steps"] = [_compact_step(s) for i, s in enumerate(steps)
+                        if i >= first or s.get("status") == "running"]
     out["steps_count"] = len(steps)
-    tail: list[str] = []
-    budget = COMPACT_TAIL_CHARS
-    for line in reversed(view.get("output_tail") or []):
-        line = _cut(line, budget)
-        budget -= len(line)
-        tail.append(line)
-        if budget <= 0:
-            break
-    out["output_tail"] = tail[::-1]
+    lines = view.get("output_tail") or []
+    if sum(map(len, lines)) <= COMPACT_TAIL_CHARS:
+        out["output_tail"] = list(lines)
+    else:
+        tail: list[str] = []
+        budget = COMPACT_TAIL_CHARS
+        for line in reversed(lines):
+            line = _cut(line, budget)
+            budget -= len(line)
+            tail.append(line)
+            if budget <= 0:
+                break
+        out["output_tail"] = tail[::-1]
+    questions = view.get("questions")
     out["questions"] = [
         {**{k: _cut(v) for k, v in q.items() if k != "options"},
          **({"options": [_cut(o, 100) for o in q["options"][:COMPACT_OPTIONS]]} if q.get("options") else {})}
-        for q in (view.get("questions") or [])[:COMPACT_QUESTIONS]]
+        for q in questions[:COMPACT_QUESTIONS]] if questions else []
     out["error"] = _cut(view.get("error"))
     result = view.get("result")
     if result is not None and len(orjson.dumps(result)) > COMPACT_RESULT_BYTES:

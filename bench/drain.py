@@ -75,6 +75,7 @@ class Round:
     rate: float  # tasks (jobs) per second, from starting the processes to the last completion
     window_rate: float  # from the first start to the last completion, in the database's log
     cpu: dict[str, float]  # % of one core over the round
+    cpu_us: dict[str, float]  # CPU µs per task (job) completed, the same processes
     load: str
     waits: str
     note: str = ""  # what the checks found
@@ -209,12 +210,13 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
         lag = completed[last_task] - at.timestamp()
     worker_pids = [w.pid for w in started]
     pg = [p for p in meter.used if p not in (*worker_pids, node_pid, relay_pid)]
-    cpu = {"workers": meter.percent(worker_pids), "PostgreSQL": meter.percent(pg),
-           "node": meter.percent([node_pid]), "relay": meter.percent([relay_pid])}
+    groups = {"workers": worker_pids, "PostgreSQL": pg, "node": [node_pid], "relay": [relay_pid]}
+    cpu = {name: meter.percent(pids) for name, pids in groups.items()}
+    cpu_us = {name: 1e6 * meter.seconds(pids) / max(1, done) for name, pids in groups.items()}
     if len(notes) == 1:
         notes.append(f"ok: events per type as expected, {count:,} terminal updates received, "
                      f"{stats['updates']:,} updates")
-    return Round(rate, done / (end - row["first"].timestamp()), cpu, load, waits,
+    return Round(rate, done / (end - row["first"].timestamp()), cpu, cpu_us, load, waits,
                  "; ".join(notes), lag, create_s)
 
 
@@ -259,7 +261,9 @@ async def pgq_round(conn: asyncpg.Connection, url: str, count: int, workers: int
     end = row["last"].timestamp()
     pg = [p for p in meter.used if p not in pids]
     cpu = {"consumers": meter.percent(pids), "PostgreSQL": meter.percent(pg)}
-    return Round(count / (end - t0), count / (end - row["first"].timestamp()), cpu, load, waits,
+    cpu_us = {"consumers": 1e6 * meter.seconds(pids) / max(1, row["done"]),
+              "PostgreSQL": 1e6 * meter.seconds(pg) / max(1, row["done"])}
+    return Round(count / (end - t0), count / (end - row["first"].timestamp()), cpu, cpu_us, load, waits,
                  "; ".join(notes) or f"ok: {count:,} successful, queue empty")
 
 
@@ -274,6 +278,15 @@ def median_round(rounds: list[Round]) -> Round:
 
 def cpu_line(r: Round) -> str:
     return ", ".join(f"{k} {v:.0f}%" for k, v in r.cpu.items())
+
+
+def cpu_per_task(rounds: list[Round]) -> float:
+    """The median over `rounds` of the CPU µs per task, all measured processes together."""
+    return statistics.median(sum(r.cpu_us.values()) for r in rounds)
+
+
+def cpu_us_line(r: Round) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in r.cpu_us.items())
 
 
 async def main(count: int, worker_counts: list[int], runs: int, concurrency: int | None,
@@ -365,6 +378,11 @@ async def main(count: int, worker_counts: list[int], runs: int, concurrency: int
               f"checks: {'; '.join(sorted({r.note for r in pq}))}")
         print(f"    CPU in the median run: {cpu_line(mp)}; {mp.waits}")
         print(f"    {mp.load}")
+        # Steadier than the rates on a shared machine: a slow run is slow in wall time, less so in CPU.
+        ours, theirs = cpu_per_task(tc), cpu_per_task(pq)
+        print(f"  CPU per task, all measured processes (medians): taskcast {ours:.0f} µs, pgqueuer "
+              f"{theirs:.0f} µs, ratio {ours / theirs:.2f}; median runs: taskcast {cpu_us_line(mt)}; "
+              f"pgqueuer {cpu_us_line(mp)}")
     if short:
         print(f"  (fewer than {runs} runs: the next would have overrun the {BUDGET_S:.0f} s budget)")
     if any("CAPPED" in r.note for tc, _ in results.values() for r in tc):

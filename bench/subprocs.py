@@ -253,10 +253,13 @@ class CpuMeter:
                 self.used[p.pid] = after - self._before.get(p.pid, 0.0)
         return self
 
+    def seconds(self, pids: Sequence[int] | None = None) -> float:
+        """Summed CPU seconds of `pids` (default: all) over the interval."""
+        return sum(self.used.values()) if pids is None else sum(self.used.get(p, 0.0) for p in pids)
+
     def percent(self, pids: Sequence[int] | None = None) -> float:
         """Summed CPU use of `pids` (default: all) in % of one core over the interval."""
-        chosen = self.used if pids is None else {p: self.used.get(p, 0.0) for p in pids}
-        return 100 * sum(chosen.values()) / self.wall_s if self.wall_s else 0.0
+        return 100 * self.seconds(pids) / self.wall_s if self.wall_s else 0.0
 
 
 class Background:

@@ -266,7 +266,7 @@ def compact(view: View) -> View:
                         if i >= first or s.get("status") == "running"]
     out["steps_count"] = len(steps)
     lines = view.get("output_tail") or []
-    if sum(map(len, lines)) <= COMPACT_TAIL_CHARS:
+    if sum(map(len, lines)) < COMPACT_TAIL_CHARS:  # at the budget, empty lines first are dropped
         out["output_tail"] = list(lines)
     else:
         tail: list[str] = []

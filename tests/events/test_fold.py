@@ -115,6 +115,12 @@ def test_a_small_view_compacts_to_itself_without_input_answers_and_step_results(
     assert out == expected and len(orjson.dumps(out["result"])) <= COMPACT_RESULT_BYTES
 
 
+def test_an_output_tail_at_its_budget_keeps_only_the_lines_that_fill_it() -> None:
+    """Lines before those that fill COMPACT_TAIL_CHARS are left out, empty ones too."""
+    view = _grown(0, output=["", "x" * COMPACT_TAIL_CHARS], result=None, error=None)
+    assert compact(view)["output_tail"] == ["x" * COMPACT_TAIL_CHARS]
+
+
 def test_a_version_must_follow_the_view() -> None:
     """Versions are gapless: applying version 3 to a version-1 view is an error."""
     with pytest.raises(ValueError):

@@ -110,11 +110,11 @@ async def test_commands_and_queries(taskcast: Process) -> None:
 async def test_a_snapshot_subscription_starts_from_current_views(taskcast: Process) -> None:
     """`snapshot: true` fills `views`; a task the snapshot showed ended yields no update again."""
     raw = await Client.open(ws_url(taskcast))
-    ack = await raw.request({"type": "create", "kind": "demo", "scope": "p:snap", "input": {"steps": 0}})
+    ack = await raw.request({"type": "create", "kind": "demo", "scope": "p:snap", "input": {"steps": 0},
+                             "subscribe": True})
     # Ended before the snapshot, so the snapshot holds its last version. (While a task still
     # runs, updates may be read behind the `subscribed` answer before `versions` is looked
     # at; the server's side of that race is test_a_snapshot_racing_updates_loses_none...)
-    await raw.request({"type": "subscribe", "channel": f"task:{ack['task']}"})
     await raw.until(lambda f: f.get("type") == "update" and f["task"]["status"] in TERMINAL)
     async with tc.TaskcastClient(ws_url(taskcast)) as client:
         sub = await client.subscribe("all", snapshot=True)

@@ -178,6 +178,7 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
     notes = [f"{creates:,.0f} creates/s beforehand"]
     end = row["last"].timestamp()
     rate = done / (end - t0)
+    metered = done  # the tasks completed while the CPU meter ran
     if done < count:
         # Out of time: the rate is of those completed by the cap (the workers finish what they
         # hold as they stop); the rest must not run later.
@@ -185,6 +186,7 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
                                      "type = 'task.completed' AND at <= $2",
                                      scope, datetime.fromtimestamp(t0 + cap_s, UTC))
         rate = by_cap / cap_s
+        metered = by_cap
         notes.append(f"CAPPED at {cap_s:.0f} s: {by_cap:,} of {count:,} completed by then ({done:,} as the "
                      f"workers stopped; {terminal['task.completed']:,} task.completed updates received "
                      f"by the cap)")
@@ -212,7 +214,7 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
     pg = [p for p in meter.used if p not in (*worker_pids, node_pid, relay_pid)]
     groups = {"workers": worker_pids, "PostgreSQL": pg, "node": [node_pid], "relay": [relay_pid]}
     cpu = {name: meter.percent(pids) for name, pids in groups.items()}
-    cpu_us = {name: 1e6 * meter.seconds(pids) / max(1, done) for name, pids in groups.items()}
+    cpu_us = {name: 1e6 * meter.seconds(pids) / max(1, metered) for name, pids in groups.items()}
     if len(notes) == 1:
         notes.append(f"ok: events per type as expected, {count:,} terminal updates received, "
                      f"{stats['updates']:,} updates")
@@ -380,8 +382,9 @@ async def main(count: int, worker_counts: list[int], runs: int, concurrency: int
         print(f"    {mp.load}")
         # Steadier than the rates on a shared machine: a slow run is slow in wall time, less so in CPU.
         ours, theirs = cpu_per_task(tc), cpu_per_task(pq)
+        cpu_ratio = ours / theirs if theirs else float("nan")
         print(f"  CPU per task, all measured processes (medians): taskcast {ours:.0f} µs, pgqueuer "
-              f"{theirs:.0f} µs, ratio {ours / theirs:.2f}; median runs: taskcast {cpu_us_line(mt)}; "
+              f"{theirs:.0f} µs, ratio {cpu_ratio:.2f}; median runs: taskcast {cpu_us_line(mt)}; "
               f"pgqueuer {cpu_us_line(mp)}")
     if short:
         print(f"  (fewer than {runs} runs: the next would have overrun the {BUDGET_S:.0f} s budget)")

@@ -184,11 +184,11 @@ async def _running_peaks(database_url: str, tasks: int, within: float, query: st
     return peak
 
 
-async def test_a_per_scope_limit_holds_at_every_instant_under_concurrent_claims(
+async def test_a_per_scope_limit_holds_under_concurrent_claims(
         event_log: EventLog, settings: Settings, database_url: str,
         in_process: list[asyncio.Task[None]]) -> None:
     """200 demo tasks over 3 scopes, limit 2 per scope, two workers claiming concurrently:
-    never more than 2 running in a scope, and every task completes."""
+    never more than 2 running in a scope in any poll of the jobs, and every task completes."""
     tasks = [(await event_log.create(CreateTask("demo", f"scope:{i % 3}", {"steps": 2, "step_ms": 4}))).task
              for i in range(200)]
     for _ in range(2):
@@ -197,13 +197,11 @@ async def test_a_per_scope_limit_holds_at_every_instant_under_concurrent_claims(
                                 "SELECT scope AS key, count(*) AS n FROM jobs WHERE state = 'running' "
                                 "GROUP BY scope")
     assert max(peak.values()) == 2  # reached, never passed
-    # The log agrees: per scope, never more than 2 tasks between task.started and task.completed.
-    for scope in ("scope:0", "scope:1", "scope:2"):
-        running, most = 0, 0
-        for event in await event_log.read_after(scope=scope, limit=10_000):
-            running += {E.TASK_STARTED: 1, E.TASK_COMPLETED: -1}.get(event.type, 0)
-            most = max(most, running)
-        assert most <= 2, scope
+    # Not checked against the log: positions order transactions by xid, not by commit. A
+    # claim whose transaction got its xid first (claiming another job of its batch) may
+    # count a scope's running jobs after an end with a later xid committed, so in the log
+    # its `task.started` comes before the `task.completed` that made room for it (CI saw
+    # 3 "running" that way once).
 
 
 async def test_a_worker_never_runs_more_than_its_concurrency_with_claims_overlapping(

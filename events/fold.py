@@ -258,12 +258,9 @@ def compact(view: View) -> View:
     for key in _LEFT_OUT:
         out.pop(key, None)
     steps = view.get("steps") or []
-    first = len(steps) - COMPACT_STEPS
-    if first <= 0:
-        out["steps"] = [_compact_step(s) for s in steps]
-    else:
-        out["steps"] = [_compact_step(s) for i, s in enumerate(steps)
-                        if i >= first or s.get("status") == "running"]
+    first = max(0, len(steps) - COMPACT_STEPS)
+    out["steps"] = [_compact_step(s) for i, s in enumerate(steps)
+                    if i >= first or s.get("status") == "running"]
     out["steps_count"] = len(steps)
     lines = view.get("output_tail") or []
     if sum(map(len, lines)) < COMPACT_TAIL_CHARS:  # at the budget, empty lines first are dropped

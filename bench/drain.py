@@ -115,6 +115,13 @@ class WaitSampler:
                 f"{wal:.1f} waiting for the WAL")
 
 
+def cpu_figures(meter: CpuMeter, groups: dict[str, list[int]],
+                tasks: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Each group's CPU in % of one core over the round, and in µs per task completed."""
+    return ({name: meter.percent(pids) for name, pids in groups.items()},
+            {name: 1e6 * meter.seconds(pids) / max(1, tasks) for name, pids in groups.items()})
+
+
 def ps(pid: int) -> psutil.Process:
     return psutil.Process(pid)
 
@@ -212,9 +219,8 @@ async def taskcast_round(log: EventLog, conn: asyncpg.Connection, children: Chil
         lag = completed[last_task] - at.timestamp()
     worker_pids = [w.pid for w in started]
     pg = [p for p in meter.used if p not in (*worker_pids, node_pid, relay_pid)]
-    groups = {"workers": worker_pids, "PostgreSQL": pg, "node": [node_pid], "relay": [relay_pid]}
-    cpu = {name: meter.percent(pids) for name, pids in groups.items()}
-    cpu_us = {name: 1e6 * meter.seconds(pids) / max(1, metered) for name, pids in groups.items()}
+    cpu, cpu_us = cpu_figures(meter, {"workers": worker_pids, "PostgreSQL": pg, "node": [node_pid],
+                                      "relay": [relay_pid]}, metered)
     if len(notes) == 1:
         notes.append(f"ok: events per type as expected, {count:,} terminal updates received, "
                      f"{stats['updates']:,} updates")
@@ -262,9 +268,7 @@ async def pgq_round(conn: asyncpg.Connection, url: str, count: int, workers: int
         notes.append(f"consumer exit codes {[p.returncode for p in procs]}")
     end = row["last"].timestamp()
     pg = [p for p in meter.used if p not in pids]
-    cpu = {"consumers": meter.percent(pids), "PostgreSQL": meter.percent(pg)}
-    cpu_us = {"consumers": 1e6 * meter.seconds(pids) / max(1, row["done"]),
-              "PostgreSQL": 1e6 * meter.seconds(pg) / max(1, row["done"])}
+    cpu, cpu_us = cpu_figures(meter, {"consumers": pids, "PostgreSQL": pg}, row["done"])
     return Round(count / (end - t0), count / (end - row["first"].timestamp()), cpu, cpu_us, load, waits,
                  "; ".join(notes) or f"ok: {count:,} successful, queue empty")
 

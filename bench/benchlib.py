@@ -6,8 +6,9 @@ import asyncio
 import math
 import os
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from events.ids import TaskId
 from events.log import CreateTask, EventLog
 from events.migrate import migrate
 from events.model import EventType, NewEvent
-from events.relay.bus import Client
+from events.relay.batch import decode_batch
+from events.relay.bus import Client, bus_for
 from events.relay.waker import Waker
 
 ADMIN_URL = os.environ.get("TASKCAST_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -144,6 +146,23 @@ def latency_line(seconds: Sequence[float]) -> str:
     ms = sorted(s * 1000 for s in seconds)
     return (f"p50 {percentile(ms, 50):.2f} ms  p90 {percentile(ms, 90):.2f} ms  "
             f"p99 {percentile(ms, 99):.2f} ms  max {ms[-1]:.2f} ms  min {ms[0]:.2f} ms  (n={len(ms)})")
+
+
+async def tap(redis: Client, channel: str, seen: dict[tuple[str, int], float], *,
+              clock: Callable[[], float] = time.monotonic) -> None:
+    """Note when each event's relay message reaches a Redis subscriber (as the node's do, one
+    per partition on a Redis Cluster), by (task, version), until cancelled; subscribe well
+    before the events of interest are written."""
+    bus = bus_for(redis, channel)
+
+    async def note(message: bytes) -> None:
+        now = clock()
+        for u in decode_batch(message).updates:
+            seen.setdefault((u.task, u.version), now)
+
+    async with asyncio.TaskGroup() as group:
+        for p in range(bus.partitions):
+            group.create_task(bus.follow_partition(p, note))
 
 
 def start_waker(redis: Client, channel: str) -> Waker:

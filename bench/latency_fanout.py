@@ -40,6 +40,7 @@ from benchlib import (
     redis_server,
     scratch_database,
     start_waker,
+    tap,
     unique,
 )
 from fanout import FanTask, running_tasks
@@ -57,8 +58,7 @@ from subprocs import (
 
 from events import db
 from events.log import EventLog
-from events.relay.batch import decode_batch
-from events.relay.bus import Client, bus_for, connect
+from events.relay.bus import connect
 
 SCOPE = "lat"
 SUBSCRIBERS = 1000
@@ -96,21 +96,6 @@ async def paced(log: EventLog, tasks: list[FanTask], count: int, interval: float
         await task.append(log, events)
         out.append((task.id, task.view["version"], before, time.monotonic()))
     return out
-
-
-async def tap(redis: Client, channel: str, seen: dict[tuple[str, int], float]) -> None:
-    """Note when each event's relay message reaches a Redis subscriber (as the node's do, one
-    per partition on a Redis Cluster); subscribed well before the warm-up ends."""
-    bus = bus_for(redis, channel)
-
-    async def note(message: bytes) -> None:
-        now = time.monotonic()
-        for u in decode_batch(message).updates:
-            seen.setdefault((u.task, u.version), now)
-
-    async with asyncio.TaskGroup() as group:
-        for p in range(bus.partitions):
-            group.create_task(bus.follow_partition(p, note))
 
 
 @contextlib.asynccontextmanager

@@ -31,13 +31,14 @@ from typing import Any
 
 import asyncpg
 import uvloop
-from benchlib import REDIS_URL, app_database, describe_postgres, percentile, scratch_database, unique
+from benchlib import REDIS_URL, app_database, describe_postgres, percentile, scratch_database, tap, unique
 from pgqueuer import AsyncpgDriver, Queries
 from subprocs import Background, Children, cancel_on_sigterm, die_with_parent, raise_nofile, stop_popen
 from wsterm import WatcherProcess
 
 from events import db
 from events.log import CreateTask, EventLog
+from events.relay.bus import connect
 
 HERE = Path(__file__).resolve().parent
 RATE = 100.0
@@ -69,11 +70,14 @@ def figures(latencies: list[float]) -> tuple[float, float, float]:
     return percentile(ms, 50), percentile(ms, 99), ms[-1]
 
 
-async def taskcast_run(log: EventLog, pool: asyncpg.Pool, watcher: WatcherProcess, count_s: float
-                       ) -> tuple[list[float], int, list[float], list[float]]:
-    """Latencies, how many were not received, and the two parts of each latency: create()
-    returned -> the `at` of task.started (the worker's clock as it appends), and that `at`
-    -> the subscriber (the worker's commit, the relay, the node)."""
+async def taskcast_run(log: EventLog, pool: asyncpg.Pool, watcher: WatcherProcess, count_s: float,
+                       published: dict[tuple[str, int], float]) -> tuple[list[float], int, list[list[float]]]:
+    """Latencies, how many were not received, and the parts of each latency: create()
+    returned -> the `at` of task.started (the worker's clock as it appends), that `at` ->
+    the subscriber (the worker's commit, the relay, the node), split where the relay's
+    message reaches a Redis subscriber in this process (`published`: time.time() by task
+    and version): the worker's commit, its hint and the relay's read and publish, then
+    the node and the socket."""
     spec = CreateTask("demo", "start", {"steps": 1, "step_ms": 0})
 
     async def one() -> tuple[str, float]:
@@ -86,10 +90,12 @@ async def taskcast_run(log: EventLog, pool: asyncpg.Pool, watcher: WatcherProces
     missing = sum(1 for t in created if t not in arrived)
     stamps = dict(await pool.fetch("SELECT task_id, at FROM events WHERE type = 'task.started' "
                                    "AND task_id = ANY($1::text[])", list(created)))
-    got = [t for t in created if t in arrived and t in stamps]
+    got = [t for t in created if t in arrived and t in stamps and (t, 2) in published]
     return ([arrived[t] - created[t] for t in got], missing + stats["resyncs"],
-            [stamps[t].timestamp() - created[t] for t in got],
-            [arrived[t] - stamps[t].timestamp() for t in got])
+            [[stamps[t].timestamp() - created[t] for t in got],
+             [arrived[t] - stamps[t].timestamp() for t in got],
+             [published[t, 2] - stamps[t].timestamp() for t in got],
+             [arrived[t] - published[t, 2] for t in got]])
 
 
 async def pgq_run(queries: Queries, starts: Path, count_s: float) -> tuple[list[float], int]:
@@ -119,8 +125,7 @@ async def main(runs: int, duration_s: float) -> None:
     deadline = time.monotonic() + BUDGET_S - CLEANUP_S
     channel = unique("taskcast:bench:start")
     tc_runs: list[tuple[float, float, float]] = []
-    pickup_runs: list[tuple[float, float, float]] = []
-    deliver_runs: list[tuple[float, float, float]] = []
+    part_runs: list[list[tuple[float, float, float]]] = [[], [], [], []]
     pq_runs: list[tuple[float, float, float]] = []
     missed = [0, 0]
     loads: list[str] = []
@@ -135,6 +140,9 @@ async def main(runs: int, duration_s: float) -> None:
             describe = await describe_postgres(url)
             pool = await db.create_pool(url, min_size=4, max_size=16)
             pgq_conn = await asyncpg.connect(pgq_url)
+            redis = connect(REDIS_URL)
+            published: dict[tuple[str, int], float] = {}  # task.started is version 2
+            tapping = asyncio.create_task(tap(redis, channel, published, clock=time.time))
             consumer: subprocess.Popen[bytes] | None = None
             try:
                 queries = Queries(AsyncpgDriver(pgq_conn))
@@ -145,16 +153,16 @@ async def main(runs: int, duration_s: float) -> None:
                 log = EventLog(pool)
                 async with WatcherProcess(port, ("task.started",)) as watcher:
                     # warm-up: every process has run a few before the timed runs
-                    await taskcast_run(log, pool, watcher, WARMUP / RATE)
+                    await taskcast_run(log, pool, watcher, WARMUP / RATE, published)
                     await pgq_run(queries, starts, WARMUP / RATE)
                     for _ in range(runs):
                         if time.monotonic() + 2 * (duration_s + 3) > deadline:
                             break
                         background = Background().start()
-                        lat, miss, pickup, deliver = await taskcast_run(log, pool, watcher, duration_s)
+                        lat, miss, parts = await taskcast_run(log, pool, watcher, duration_s, published)
                         tc_runs.append(figures(lat))
-                        pickup_runs.append(figures(pickup))
-                        deliver_runs.append(figures(deliver))
+                        for runs_of_part, part in zip(part_runs, parts, strict=True):
+                            runs_of_part.append(figures(part))
                         missed[0] += miss
                         worker.check_alive()
                         node.check_alive()
@@ -167,6 +175,9 @@ async def main(runs: int, duration_s: float) -> None:
                     stop_popen(consumer)
                 await pgq_conn.close()
                 await pool.close()
+                tapping.cancel()
+                await asyncio.gather(tapping, return_exceptions=True)
+                await redis.aclose()
     n = int(RATE * duration_s)
     print(f"start latency: {describe}; {RATE:.0f}/s for {duration_s:g} s ({n:,} per run), "
           f"{len(tc_runs)} interleaved runs, medians of the per-run figures")
@@ -181,8 +192,11 @@ async def main(runs: int, duration_s: float) -> None:
         return
     print(f"  taskcast, create() returned -> task.started received by an `all` subscriber (serve + relay + "
           f"1 worker, default concurrency): {line(tc_runs)}; {missed[0]} not received")
-    print(f"    of which create() returned -> the worker's `at` of task.started: {line(pickup_runs)}")
-    print(f"    and that `at` -> received (the worker's commit, relay, node): {line(deliver_runs)}")
+    pickup, deliver, relay, node = part_runs
+    print(f"    of which create() returned -> the worker's `at` of task.started: {line(pickup)}")
+    print(f"    and that `at` -> received (the worker's commit, relay, node): {line(deliver)}")
+    print(f"      `at` -> the relay's message in Redis (commit, hint, read, publish): {line(relay)}")
+    print(f"      the relay's message in Redis -> received (node, socket): {line(node)}")
     print(f"  pgqueuer {version('pgqueuer')}, enqueue() returned -> job start (1 consumer, batch size 10): "
           f"{line(pq_runs)}; {missed[1]} not started")
     tc99, pq99 = statistics.median(r[1] for r in tc_runs), statistics.median(r[1] for r in pq_runs)

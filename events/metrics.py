@@ -70,6 +70,8 @@ class WorkerMetrics:
         self.pool = pool
         self.registry = r = registry()
         self.claimed = Counter("taskcast_worker_claimed_jobs", "Jobs claimed", registry=r)
+        self.claim_rounds = Counter("taskcast_worker_claims", "Claim statements sent, those that got "
+                                    "nothing included", registry=r)
         self.claim_batch = Histogram("taskcast_worker_claim_batch_jobs", "Jobs per claim that got any",
                                      buckets=BATCH_BUCKETS, registry=r)
         self.running = Gauge("taskcast_worker_running_tasks", "Tasks running now", registry=r)
@@ -85,6 +87,7 @@ class WorkerMetrics:
                              ["kind", "status"], registry=r)
 
     def claims(self, count: int) -> None:
+        self.claim_rounds.inc()
         if count:
             self.claimed.inc(count)
             self.claim_batch.observe(count)

@@ -5,7 +5,11 @@ Named loops, watched by one TaskGroup (a loop that dies stops the worker):
   claimer (a coalesced hint); a cancel notification reaches the task's context at once.
 - `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth);
   two lanes claim at once, each up to the free slots but a quarter of the concurrency
-  at most, so claims overlap.
+  at most, so claims overlap while there is a backlog (a claim came back full). Without
+  one, a hint is answered by one claim: a lane whose hint is covered by a claim in flight
+  that began after it waits for the next, so an idle worker spends one claim on a new
+  job, not one per lane (and none when a run ends, unless a scope limit, a mutex or a
+  kind's cap may have held a job back).
   A slot is free when its run ends (its dependents are released after). The kinds with
   a `max_running` of their own (the built-in kinds that run processes) are claimed in the
   same statement after the others, only while they have room, and no more at once than
@@ -148,7 +152,10 @@ class Worker:
         self.kinds = dict(kinds)
         self.config = config
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a hint: there may be jobs to claim (see _hint)
+        self._hints = 0
+        self._in_flight: dict[asyncio.Future[None], int] = {}  # claims, and the hint each began after
+        self._backlog = True  # the last claim to end came back full
         self._running: set[asyncio.Task[None]] = set()
         self._claims: dict[asyncio.Task[None], Claim] = {}
         self.draining = False
@@ -193,10 +200,10 @@ class Worker:
             try:
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda *_, lost=lost: lost.set())
-                await conn.add_listener("taskcast_jobs", lambda *_: self._wake.set())
+                await conn.add_listener("taskcast_jobs", lambda *_: self._hint())
                 await conn.add_listener("taskcast_cancel", lambda *args: self._on_cancel(args[3]))
                 self.listening.set()
-                self._wake.set()  # anything enqueued while we were not listening
+                self._hint()  # anything enqueued while we were not listening
                 while not conn.is_closed() and not await wait_event(lost, self.config.poll_s):
                     pass
             except (OSError, TaskcastError) as exc:
@@ -214,7 +221,7 @@ class Worker:
         tasks; then stop each one still running and hand its job back. Returns the tasks
         handed back. Time-boxed; idempotent."""
         self.draining = True
-        self._wake.set()
+        self._hint()
         grace_s = self.config.drain_grace_s if grace_s is None else grace_s
         if self._running:
             await asyncio.wait(set(self._running), timeout=grace_s)
@@ -253,6 +260,15 @@ class Worker:
             # is left out only while the other lane's claim holds its room: its job may be
             # what the hint was for, so the hint stays for the next round.
             keep_hint = self.slots.contended()
+            covering = self._covering()
+            if covering:
+                # A claim in flight began after the last hint, and the last one to end left
+                # no backlog: it takes what the hint was for. This lane waits for the next
+                # hint, unless that claim comes back full.
+                await asyncio.wait(covering, timeout=self.config.poll_s)
+                if not self._backlog:
+                    await wait_event(self._wake, self.config.poll_s)
+                continue
             plans: list[tuple[list[str], int]] = []
             for group in groups:  # each planned with the ones before it reserved
                 kinds, limit = self.slots.plan(group)
@@ -266,13 +282,29 @@ class Worker:
             if not keep_hint:
                 self._wake.clear()
             if await self._claim(plans):
-                continue  # there may be more
+                continue  # full: there may be more
             await wait_event(self._wake, self.config.poll_s)
 
-    async def _claim(self, plans: list[tuple[list[str], int]]) -> int:
+    def _hint(self) -> None:
+        """Wake the claim lanes: a job may have been queued or freed."""
+        self._hints += 1
+        self._wake.set()
+
+    def _covering(self) -> list[asyncio.Future[None]]:
+        """The claims in flight that began after the last hint, unless the last claim to
+        end came back full (then every lane claims: the round trips overlap)."""
+        if self._backlog:
+            return []
+        return [done for done, hints in self._in_flight.items() if hints == self._hints]
+
+    async def _claim(self, plans: list[tuple[list[str], int]]) -> bool:
         """Claim what `plans` reserved (up to each limit of its kinds, in one statement)
-        and start running it; how many."""
+        and start running it; whether it came back full (more may be queued). One that
+        came back short had every job it could take: the next claim waits for a hint."""
         (kinds, limit), *more = plans
+        done = asyncio.get_running_loop().create_future()
+        self._in_flight[done] = self._hints
+        claims: list[Claim] = []
         try:
             claims = await self.queue.claim(
                 self.name, kinds, limit=limit, lease_s=self.config.lease_s,
@@ -286,6 +318,12 @@ class Worker:
             self.errors += 1
             claims = []
         finally:
+            del self._in_flight[done]
+            done.set_result(None)
+            full = len(claims) >= sum(n for _, n in plans)
+            if full and not self._backlog:
+                self._hint()  # the other lanes claim too, while this one claims again
+            self._backlog = full
             for reserved, n in plans:
                 self.slots.reserve(reserved, -n)
             self._slot_free.set()  # what the claim did not fill is free again
@@ -297,7 +335,7 @@ class Worker:
                         await self.queue.hand_back(claim.task, claim.fence)
                 except (TaskcastError, TimeoutError) as exc:  # its lease expires instead
                     log.warning("cannot hand %s back: %s", claim.task, exc)
-            return 0
+            return False
         for claim in claims:
             self.slots.take(claim.view.get("kind"))
             task = asyncio.create_task(self._execute(claim), name=f"run {claim.task}")
@@ -305,7 +343,7 @@ class Worker:
             self._running.add(task)
             task.add_done_callback(self._finished)
             self.metrics.running.inc()
-        return len(claims)
+        return full
 
     async def _execute(self, claim: Claim) -> None:
         kind = self.kinds.get(claim.view["kind"])
@@ -345,10 +383,19 @@ class Worker:
         """Once per runner: its run is over (its dependents may still be being released)."""
         if task is not None and task in self._claims:
             claim = self._claims.pop(task)  # nothing left to hand back at a drain
-            self.slots.free(claim.view.get("kind"))
+            kind = claim.view.get("kind")
+            self.slots.free(kind)
             self.metrics.running.dec()
             self._slot_free.set()
-            self._wake.set()  # a scope or mutex slot may have opened
+            if self._holds_back(kind):
+                self._hint()  # a job its scope, mutex or cap held back may be claimable
+
+    def _holds_back(self, kind: object) -> bool:
+        """Whether a running task of `kind` can keep a queued job from being claimed (a
+        per-scope limit, its kind's mutex or cap), beyond taking a slot of this worker."""
+        spec = self.kinds.get(kind) if isinstance(kind, str) else None
+        return (self.config.scope_limit is not None or spec is None or spec.mutex is not None
+                or kind in self.slots.caps)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -361,7 +408,7 @@ class Worker:
         """One round of the janitor's work (events/janitor.py); wakes the claimer when it
         re-queued something."""
         if await self.janitor.round():
-            self._wake.set()
+            self._hint()
 
     async def heartbeat(self) -> None:
         """Extend the lease of every task running here, in one statement; set the cancel

@@ -130,6 +130,46 @@ def _start(settings: Settings, log: EventLog, tasks: list[asyncio.Task[None]], *
     return worker
 
 
+def _claims_sent(worker: Worker) -> float:
+    return worker.metrics.registry.get_sample_value("taskcast_worker_claims_total") or 0.0
+
+
+async def test_an_idle_worker_spends_one_claim_on_each_new_task(
+        event_log: EventLog, settings: Settings, in_process: list[asyncio.Task[None]]) -> None:
+    """20 tasks created one after the other, each run to its end before the next: about one
+    claim statement each, not one per claim lane and another when each run ends (no poll
+    in the way: every 60 s)."""
+    worker = _start(settings, event_log, in_process, poll_s=60.0)
+    async with asyncio.timeout(10):
+        await worker.listening.wait()
+    before = _claims_sent(worker)
+    for _ in range(20):
+        ack = await event_log.create(CreateTask("demo", "p", {"steps": 1, "step_ms": 0}))
+        await _until_event(event_log, ack.task, lambda e: e.type is E.TASK_COMPLETED, within=10)
+    # The slack is for the listener's first hint and a claim it raced; without the rule
+    # of one claim per hint this was about 100.
+    assert _claims_sent(worker) - before <= 24
+
+
+@pytest.mark.parametrize("held_by", ["scope limit", "kind cap"])
+async def test_a_job_held_back_starts_as_soon_as_the_task_holding_it_ends(
+        event_log: EventLog, settings: Settings, in_process: list[asyncio.Task[None]],
+        held_by: str) -> None:
+    """Two tasks, room for one at a time (a per-scope limit of 1, or their kind's cap of 1):
+    the second starts once the first ends, without waiting for the next poll (60 s)."""
+    kinds = builtin()
+    kinds["capped"] = dataclasses.replace(kinds["demo"], name="capped", max_running=1)
+    config = WorkerConfig(poll_s=60.0, scope_limit=1 if held_by == "scope limit" else None)
+    worker = Worker(settings.database_url, event_log, kinds, config)
+    in_process.append(asyncio.create_task(worker.run(), name="worker"))
+    kind = "capped" if held_by == "kind cap" else "demo"
+    first, second = [(await event_log.create(CreateTask(kind, "p", {"steps": 1, "step_ms": 200}))).task
+                     for _ in range(2)]
+    ended = await _until_event(event_log, first, lambda e: e.type is E.TASK_COMPLETED, within=10)
+    started = await _until_event(event_log, second, lambda e: e.type is E.TASK_STARTED, within=10)
+    assert started[-1].at >= ended[-1].at  # one at a time
+
+
 async def test_a_question_survives_a_worker_restart_and_is_asked_once(
         event_log: EventLog, settings: Settings, in_process: list[asyncio.Task[None]]) -> None:
     """The task parks on its question (no worker holds it); a restarted worker resumes it once

@@ -6,10 +6,9 @@ Named loops, watched by one TaskGroup (a loop that dies stops the worker):
 - `claim`: claims when woken, and polls every `poll_s` anyway (the table is the truth);
   two lanes claim at once, each up to the free slots but a quarter of the concurrency
   at most, so claims overlap while there is a backlog (a claim came back full). Without
-  one, a hint is answered by one claim: a lane whose hint is covered by a claim in flight
-  that began after it waits for the next, so an idle worker spends one claim on a new
-  job, not one per lane (and none when a run ends, unless a scope limit, a mutex or a
-  kind's cap may have held a job back).
+  one, a hint is answered by one lane: the other, whose hint is covered by a claim in
+  flight that began after it, waits for the next, so an idle worker does not send every
+  lane's claim for each new job.
   A slot is free when its run ends (its dependents are released after). The kinds with
   a `max_running` of their own (the built-in kinds that run processes) are claimed in the
   same statement after the others, only while they have room, and no more at once than
@@ -282,7 +281,7 @@ class Worker:
             if not keep_hint:
                 self._wake.clear()
             if await self._claim(plans):
-                continue  # full: there may be more
+                continue  # there may be more
             await wait_event(self._wake, self.config.poll_s)
 
     def _hint(self) -> None:
@@ -297,10 +296,9 @@ class Worker:
             return []
         return [done for done, hints in self._in_flight.items() if hints == self._hints]
 
-    async def _claim(self, plans: list[tuple[list[str], int]]) -> bool:
+    async def _claim(self, plans: list[tuple[list[str], int]]) -> int:
         """Claim what `plans` reserved (up to each limit of its kinds, in one statement)
-        and start running it; whether it came back full (more may be queued). One that
-        came back short had every job it could take: the next claim waits for a hint."""
+        and start running it; how many."""
         (kinds, limit), *more = plans
         done = asyncio.get_running_loop().create_future()
         self._in_flight[done] = self._hints
@@ -335,7 +333,7 @@ class Worker:
                         await self.queue.hand_back(claim.task, claim.fence)
                 except (TaskcastError, TimeoutError) as exc:  # its lease expires instead
                     log.warning("cannot hand %s back: %s", claim.task, exc)
-            return False
+            return 0
         for claim in claims:
             self.slots.take(claim.view.get("kind"))
             task = asyncio.create_task(self._execute(claim), name=f"run {claim.task}")
@@ -343,7 +341,7 @@ class Worker:
             self._running.add(task)
             task.add_done_callback(self._finished)
             self.metrics.running.inc()
-        return full
+        return len(claims)
 
     async def _execute(self, claim: Claim) -> None:
         kind = self.kinds.get(claim.view["kind"])
@@ -383,19 +381,14 @@ class Worker:
         """Once per runner: its run is over (its dependents may still be being released)."""
         if task is not None and task in self._claims:
             claim = self._claims.pop(task)  # nothing left to hand back at a drain
-            kind = claim.view.get("kind")
-            self.slots.free(kind)
+            self.slots.free(claim.view.get("kind"))
             self.metrics.running.dec()
             self._slot_free.set()
-            if self._holds_back(kind):
-                self._hint()  # a job its scope, mutex or cap held back may be claimable
-
-    def _holds_back(self, kind: object) -> bool:
-        """Whether a running task of `kind` can keep a queued job from being claimed (a
-        per-scope limit, its kind's mutex or cap), beyond taking a slot of this worker."""
-        spec = self.kinds.get(kind) if isinstance(kind, str) else None
-        return (self.config.scope_limit is not None or spec is None or spec.mutex is not None
-                or kind in self.slots.caps)
+            # A scope, mutex or cap slot may have opened. And a claim can come back short
+            # with jobs still queued (a row another worker's claim committed between this
+            # claim's snapshot and its lock drops out of its LIMIT): a lane that took that
+            # for an empty queue would wait for a poll.
+            self._hint()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)

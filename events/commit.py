@@ -36,24 +36,38 @@ R = TypeVar("R")
 
 MAX_BATCH_ITEMS = 512
 MAX_IN_FLIGHT = 2  # batches sent before the first returns: the round trips overlap
+# The weight (events + 1 per task) at which the queued appends are shared between two
+# batches: 16 one-event appends stay one batch, 16 of 100 events go as two of 8, and so
+# does a worker's backlog (bench/README.md, "Batches shared").
+SPLIT_AT = 64
 
 
 class Batcher(Generic[Item, R]):
     """Runs `run(items)` on batches of submitted items, at most `in_flight` batches at a
     time; `run` answers each item with its result or its own exception. Items that have one
     of their `keys` in common never share a batch (the later one waits for the next). A
-    failure of `run` itself is every item's."""
+    failure of `run` itself is every item's.
+
+    What is queued is shared among the batches that may be sent now, when it `weight`s at
+    least `split_at` a batch: callers that were answered together submit again together,
+    and one batch taking them all would leave the other idle, Python and PostgreSQL taking
+    turns at one batch instead of working on two at once. Below it, a batch's fixed cost
+    (a statement, a commit) outweighs what sharing gains."""
 
     def __init__(self, run: Callable[[list[Item]], Awaitable[Sequence[R | BaseException]]], *,
                  keys: Callable[[Item], tuple[Hashable, ...]], max_items: int = MAX_BATCH_ITEMS,
-                 in_flight: int = MAX_IN_FLIGHT, name: str = "batch") -> None:
+                 in_flight: int = MAX_IN_FLIGHT, weight: Callable[[Item], int] = lambda _: 1,
+                 split_at: int | None = None, name: str = "batch") -> None:
         self._run = run
         self._keys = keys
+        self._weight = weight
+        self.split_at = split_at  # None: a batch takes all it can
         self.max_items = max_items
         self.in_flight = in_flight
         self.name = name
         self._queue: deque[tuple[Item, asyncio.Future[R]]] = deque()
         self._flushers: set[asyncio.Task[None]] = set()
+        self._sending = 0  # batches in flight
         self.batches = 0  # sent, for /metrics and the tests
         self.items = 0
 
@@ -61,17 +75,21 @@ class Batcher(Generic[Item, R]):
         """Queue `item` for the next batch; its result, or its exception."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        self._start_flusher()
+        return await future
+
+    def _start_flusher(self) -> None:
         if len(self._flushers) < self.in_flight:
             flusher = asyncio.create_task(self._flush(), name=self.name)
             self._flushers.add(flusher)
             flusher.add_done_callback(self._flushers.discard)  # one cancelled before it began
-        return await future
 
     def _cut(self) -> list[tuple[Item, asyncio.Future[R]]]:
         taken: list[tuple[Item, asyncio.Future[R]]] = []
         keys: set[Hashable] = set()
         later: list[tuple[Item, asyncio.Future[R]]] = []
-        while self._queue and len(taken) < self.max_items:
+        share = self._share()
+        while self._queue and len(taken) < self.max_items and share > 0:
             item, future = self._queue.popleft()
             if future.done():  # its caller gave up before it was sent
                 continue
@@ -81,8 +99,20 @@ class Batcher(Generic[Item, R]):
                 continue
             keys.update(mine)
             taken.append((item, future))
+            share -= self._weight(item)
         self._queue.extendleft(reversed(later))
+        if self._queue:
+            self._start_flusher()  # for the rest, at once
         return taken
+
+    def _share(self) -> float:
+        """The weight the next batch takes of the queue: all of it, or its share among the
+        batches that may be sent now."""
+        free = self.in_flight - self._sending
+        if self.split_at is None or free < 2:
+            return float("inf")
+        total = sum(self._weight(item) for item, _ in self._queue)
+        return total / free if total >= self.split_at * free else float("inf")
 
     async def _flush(self) -> None:
         me = asyncio.current_task()
@@ -97,6 +127,7 @@ class Batcher(Generic[Item, R]):
     async def _send(self, batch: list[tuple[Item, asyncio.Future[R]]]) -> None:
         self.batches += 1
         self.items += len(batch)
+        self._sending += 1
         try:
             results = await self._run([item for item, _ in batch])
         except BaseException as exc:
@@ -109,6 +140,8 @@ class Batcher(Generic[Item, R]):
             if not isinstance(exc, TaskcastError):
                 log.error("%s failed", self.name, exc_info=exc)
             return
+        finally:
+            self._sending -= 1
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue
@@ -283,6 +316,7 @@ class GroupCommit:
         self.pool = pool
         self.appends: Batcher[Append, Stored] = Batcher(
             self._append, keys=_keys, max_items=max_items, in_flight=in_flight,
+            weight=lambda item: 1 + len(item.events), split_at=SPLIT_AT,
             name="group commit (appends)")
         # Two creates under one key never share a batch: the second answers the first's ack.
         self.creates: Batcher[Create, Created] = Batcher(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -210,6 +211,42 @@ async def test_an_item_submitted_as_the_last_batch_ends_is_sent() -> None:
     for i in range(20):
         async with asyncio.timeout(5):
             assert await batcher.submit(i) == i
+
+
+async def _batches_of(items: int, *, weight: int, split_at: int | None) -> list[list[int]]:
+    """The batches a batcher of two in flight sends for `items` submitted together, each
+    of `weight`, with every batch held until both could have been sent."""
+    sent: list[list[int]] = []
+    both = asyncio.Event()
+
+    async def run(batch: list[int]) -> list[int]:
+        sent.append(batch)
+        if len(sent) == 2:
+            both.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.2):  # a batch alone goes on after 0.2 s
+                await both.wait()
+        return batch
+
+    batcher: Batcher[int, int] = Batcher(run, keys=lambda i: (i,), in_flight=2,
+                                         weight=lambda _: weight, split_at=split_at)
+    async with asyncio.timeout(5):
+        assert await asyncio.gather(*(batcher.submit(i) for i in range(items))) == list(range(items))
+    return sent
+
+
+async def test_appends_submitted_together_are_shared_between_the_batches_in_flight() -> None:
+    """16 heavy items submitted at once go out as two batches of 8 in flight together, each
+    item once and in order, not one batch of 16 while the other connection idles."""
+    sent = await _batches_of(16, weight=101, split_at=64)
+    assert sent == [list(range(8)), list(range(8, 16))]
+
+
+async def test_light_items_submitted_together_stay_one_batch() -> None:
+    """16 one-event appends (weight 2 each, 32 in all) stay one batch: below the weight at
+    which sharing pays for a second statement and commit. So does a batcher without one."""
+    assert await _batches_of(16, weight=2, split_at=64) == [list(range(16))]
+    assert await _batches_of(16, weight=101, split_at=None) == [list(range(16))]
 
 
 WRITER = textwrap.dedent("""

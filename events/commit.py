@@ -36,10 +36,12 @@ R = TypeVar("R")
 
 MAX_BATCH_ITEMS = 512
 MAX_IN_FLIGHT = 2  # batches sent before the first returns: the round trips overlap
-# The weight (events + 1 per task) at which the queued appends are shared between two
-# batches: 16 one-event appends stay one batch, 16 of 100 events go as two of 8, and so
-# does a worker's backlog (bench/README.md, "Batches shared").
+# The weight per batch at which a queue is shared between the batches in flight
+# (bench/README.md, "Batches shared"). Appends weigh their events plus one: 16 one-event
+# appends stay one batch, 16 of 100 events go as two of 8, and so does a worker's backlog.
+# Creates weigh one each: 64 queued go as two of 32.
 SPLIT_AT = 64
+CREATES_SPLIT_AT = 32
 
 
 class Batcher(Generic[Item, R]):
@@ -320,8 +322,8 @@ class GroupCommit:
             name="group commit (appends)")
         # Two creates under one key never share a batch: the second answers the first's ack.
         self.creates: Batcher[Create, Created] = Batcher(
-            self._create, keys=_keys,
-            max_items=max_items, in_flight=in_flight, name="group commit (creates)")
+            self._create, keys=_keys, max_items=max_items, in_flight=in_flight,
+            split_at=CREATES_SPLIT_AT, name="group commit (creates)")
 
     async def append(self, item: Append) -> Stored:
         """Commit `item` with whatever else is queued. Raises its own error (VersionConflict,

@@ -173,6 +173,17 @@ async def test_concurrent_appends_share_transactions_and_each_lands_once(event_l
             (1, E.TASK_CREATED), (2, E.TASK_CANCELLED)]
 
 
+async def test_creates_made_at_once_are_shared_between_two_transactions(event_log: EventLog) -> None:
+    """64 creates at once (a node with many clients) go out as two batches of 32 on two
+    connections, not one of 64 while the other connection idles; each task is made once."""
+    before = event_log.committer.creates.batches
+    acks = await asyncio.gather(*(event_log.create(CreateTask("demo", "p")) for _ in range(64)))
+    assert event_log.committer.creates.batches - before == 2
+    assert len({a.task for a in acks}) == 64 and len({a.position for a in acks}) == 64
+    views = await asyncio.gather(*(event_log.view(a.task) for a in acks))
+    assert all(v["status"] == "queued" and v["version"] == 1 for v in views)
+
+
 async def test_creates_under_one_key_at_once_make_one_task(event_log: EventLog) -> None:
     """A client retrying a create while the first is in flight gets the first's ack: one task."""
     spec = CreateTask("demo", "p")

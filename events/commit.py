@@ -62,6 +62,8 @@ class Batcher(Generic[Item, R]):
                  split_at: int | None = None, name: str = "batch") -> None:
         self._run = run
         self._keys = keys
+        if split_at is not None and split_at < 1:
+            raise ValueError(f"split_at must be at least 1, not {split_at}")  # else no batch takes any
         self._weight = weight
         self.split_at = split_at  # None: a batch takes all it can
         self.max_items = max_items

@@ -12,6 +12,7 @@ import textwrap
 from datetime import UTC, datetime
 
 import asyncpg
+import pytest
 
 from events import db, decide
 from events.clock import iso
@@ -258,6 +259,12 @@ async def test_light_items_submitted_together_stay_one_batch() -> None:
     which sharing pays for a second statement and commit. So does a batcher without one."""
     assert await _batches_of(16, weight=2, split_at=64) == [list(range(16))]
     assert await _batches_of(16, weight=101, split_at=None) == [list(range(16))]
+
+
+def test_a_batcher_refuses_a_split_at_below_one() -> None:
+    """A share threshold of 0 would let a batch take no item, and its callers wait forever."""
+    with pytest.raises(ValueError, match="split_at"):
+        Batcher(lambda items: asyncio.sleep(0, items), keys=lambda i: (i,), split_at=0)
 
 
 WRITER = textwrap.dedent("""

@@ -9,9 +9,10 @@ import asyncpg
 import orjson
 import pytest
 
+from cli.embedded import EmbeddedPostgres
 from events.ids import TaskId
 from events.log import CreateTask, EventLog
-from events.migrate import MIGRATIONS_DIR, ChecksumMismatch, migrate
+from events.migrate import MIGRATIONS_DIR, ChecksumMismatch, discover, migrate
 from events.model import EventType
 
 
@@ -58,6 +59,42 @@ async def test_the_functions_keep_the_settings_their_plans_and_snapshots_need(da
     assert {r["proname"]: r["provolatile"] for r in rows
             if r["proname"] in ("taskcast_read_after", "taskcast_writers")} == \
         {"taskcast_read_after": b"v", "taskcast_writers": b"v"}  # "char" comes as bytes
+
+
+async def _has_lz4(conn: asyncpg.Connection) -> bool:
+    """Whether this server was built with lz4 (it lists the method only then)."""
+    return bool(await conn.fetchval(
+        "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"))
+
+
+async def test_long_views_are_stored_with_lz4_where_the_server_has_it(
+        event_log: EventLog, database_url: str) -> None:
+    """A view past the size PostgreSQL compresses at is compressed with lz4, the cheaper
+    method for a row every append rewrites (0010), on a server built with it."""
+    ack = await event_log.create(CreateTask("demo", "p", input={"notes": ["step output"] * 400}))
+    conn = await asyncpg.connect(database_url)
+    try:
+        method = await conn.fetchval("SELECT pg_column_compression(view) FROM tasks WHERE id = $1", ack.task)
+        expected = "lz4" if await _has_lz4(conn) else "pglz"
+    finally:
+        await conn.close()
+    assert method == expected
+
+
+async def test_a_server_without_lz4_still_migrates(own_postgres: EmbeddedPostgres) -> None:
+    """The embedded server has no lz4: every migration applies there and its views keep pglz."""
+    conn = await asyncpg.connect(own_postgres.url)
+    try:
+        assert not await _has_lz4(conn)
+        applied = {r["name"] for r in await conn.fetch("SELECT name FROM taskcast_migrations")}
+        methods = {r["attname"]: r["attcompression"] for r in await conn.fetch(
+            "SELECT attname, attcompression FROM pg_attribute"
+            " WHERE attrelid IN ('tasks'::regclass, 'events'::regclass)"
+            "   AND attname IN ('view', 'data', 'snapshot')")}
+    finally:
+        await conn.close()
+    assert applied == {m.name for m in discover()}
+    assert methods == {"view": b"\0", "data": b"\0", "snapshot": b"\0"}  # the default method
 
 
 async def test_migrating_twice_applies_nothing(database_url: str) -> None:

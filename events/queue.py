@@ -8,7 +8,7 @@ with, so a worker that lost its lease can write nothing (invariant 3).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -39,9 +39,8 @@ def _positioned(row: asyncpg.Record) -> View:
 
 
 class Queue:
-    def __init__(self, pool: asyncpg.Pool, *, on_append: Callable[[], None] | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.on_append = on_append  # told when a claim wrote events (the relay's wake-up)
 
     async def claim(self, owner: str, kinds: Sequence[str], *, limit: int, lease_s: float,
                     scope_limit: int | None = None,
@@ -50,16 +49,14 @@ class Queue:
         on each other), and then up to `more`'s limit of its kinds, at most `scope_limit`
         running per scope, and start them: the `task.started` of each task that was
         queued is appended by the same statement (taskcast_claim_start), so a claim and
-        its start are one commit and one round trip. Raises Unavailable."""
+        its start are one commit and one round trip, whose commit wakes the relay (the
+        query's NOTIFY). Raises Unavailable."""
         async with db.acquire(self.pool) as conn:
             with db.translate():
                 rows = await conn.fetch(q("claim"), owner, list(kinds), limit, lease_s, scope_limit,
                                         list(more[0]), more[1])
-        claims = [Claim(TaskId(r["task_id"]), FenceToken(r["fence"]), r["attempt"],
-                        r["cancel_requested"], _positioned(r)) for r in rows]
-        if self.on_append is not None and any(r["seq"] is not None for r in rows):
-            self.on_append()
-        return claims
+        return [Claim(TaskId(r["task_id"]), FenceToken(r["fence"]), r["attempt"],
+                      r["cancel_requested"], _positioned(r)) for r in rows]
 
     async def heartbeat(self, leases: Mapping[TaskId, FenceToken], lease_s: float) -> dict[TaskId, bool]:
         """Extend the leases still held, in one statement: each one's cancel flag. A task

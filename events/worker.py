@@ -147,7 +147,7 @@ class Worker:
                  metrics: WorkerMetrics | None = None) -> None:
         self.database_url = database_url
         self.log = log_
-        self.queue = Queue(log_.pool, on_append=log_.on_append)
+        self.queue = Queue(log_.pool)
         self.kinds = dict(kinds)
         self.config = config
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"

@@ -4,7 +4,8 @@ A NOTIFY in every append would make each committing transaction take PostgreSQL'
 cluster-wide notification lock (held through the commit's WAL flush): with many writers
 that lock, not the work, sets the pace. So appends poke a Waker instead, and one loop per
 process publishes a coalesced hint (events/relay/bus.py) after the commit. It is only a
-hint (STYLE 11): the relay also polls, and `taskcast_create_batch` still NOTIFYs (once a batch).
+hint (STYLE 11): the relay also polls. Creates and claims NOTIFY instead, once a batch
+(`taskcast_create_batch`, and the `claim` query of events/sql/queries.sql).
 """
 
 from __future__ import annotations

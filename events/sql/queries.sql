@@ -69,8 +69,14 @@ SELECT k.task_id, k.status, k.xid, k.seq
  WHERE k.principal = $1 AND k.key = $2 AND k.created_at >= now() - interval '24 hours';
 
 -- name: claim
-SELECT task_id, fence, attempt, cancel_requested, view, version, xid, seq
-  FROM taskcast_claim_start($1, $2, $3, $4, $5, $6, $7);
+-- A claim that started tasks wakes the relay at its commit, with a NOTIFY: the relay hears
+-- it from PostgreSQL before the worker has the claim's answer, a hop sooner than the Redis
+-- hint appends send (events/relay/waker.py). PostgreSQL folds a transaction's identical
+-- notifications into one. NOTIFYing commits take turns on one lock, which appends could
+-- not afford but claims can: one per batch of jobs, and none when nothing was claimed.
+SELECT c.task_id, c.fence, c.attempt, c.cancel_requested, c.view, c.version, c.xid, c.seq
+  FROM taskcast_claim_start($1, $2, $3, $4, $5, $6, $7) AS c
+  LEFT JOIN LATERAL (SELECT pg_notify('taskcast_events', '') WHERE c.seq IS NOT NULL) AS woken ON true;
 
 -- name: heartbeat
 -- Extend the leases ($1 tasks, $2 their fences) still held, in task order (the lock order of

@@ -15,8 +15,9 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from events.ids import Position
+from events.ids import Position, decode
 from events.log import CreateTask, EventLog
+from events.queue import Queue
 from events.relay.batch import decode_batch
 from events.relay.publisher import Relay, RelayConfig
 from server.fanout.chain import plan
@@ -122,6 +123,26 @@ async def test_events_flow_while_foreign_write_transactions_stay_open(
             async with foreign_writes(settings.database_url):
                 appended = [(await event_log.create(CreateTask("demo", "s"))).position for _ in range(30)]
                 await eventually(lambda: _published(messages) >= set(appended), 5)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
+
+async def test_a_claim_wakes_the_relay_as_it_commits(settings: Settings, event_log: EventLog) -> None:
+    """A claim's `task.started` is published as soon as the claim commits, woken by the
+    claim's own notification: no Redis hint is sent here, and the relay's poll and
+    heartbeat are an hour away."""
+    config = RelayConfig(channel=settings.channel, poll_s=3600, heartbeat_s=3600)
+    async with _recording(settings) as (redis, messages):
+        relay = Relay(settings.database_url, event_log, redis, config)
+        running = asyncio.create_task(relay.run())
+        try:
+            await asyncio.wait_for(relay.leading.wait(), 10)
+            created = await event_log.create(CreateTask("demo", "s"))  # a create NOTIFYs too
+            await eventually(lambda: created.position in _published(messages), 5)
+            [claim] = await Queue(event_log.pool).claim("worker-1", ["demo"], limit=1, lease_s=30)
+            started = decode(claim.view["position"])
+            await eventually(lambda: started in _published(messages), 5)
         finally:
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)

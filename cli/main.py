@@ -222,14 +222,22 @@ def _supervise(settings: Settings, processes: int, insecure: bool) -> int:
 
 
 def _migrate(settings: Settings) -> int:
-    from events.migrate import migrate
+    from events.migrate import ChecksumMismatch, MigrationBlocked, migrate
+
+    code = 0
 
     async def go() -> None:
-        applied = await migrate(settings.database_url)
+        nonlocal code
+        try:
+            applied = await migrate(settings.database_url)
+        except (ChecksumMismatch, MigrationBlocked) as exc:
+            print(f"taskcast migrate: {exc}", file=sys.stderr)
+            code = 1
+            return
         print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
 
     _run(go())
-    return 0
+    return code
 
 
 def dev(settings: Settings, data_dir: Path, workers: int) -> int:
@@ -244,7 +252,8 @@ def dev(settings: Settings, data_dir: Path, workers: int) -> int:
             database_url, redis_url = stack.enter_context(EmbeddedPair(data_dir.resolve()))
             settings = settings.with_(database_url=settings.database_url or database_url,
                                       redis_url=settings.redis_url or redis_url)
-        _migrate(settings)
+        if _migrate(settings):
+            return 1  # said why
 
         def ready(process: Process) -> None:
             s = process.settings

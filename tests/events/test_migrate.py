@@ -3,6 +3,7 @@ the previous release's calls keep working once migrated."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import asyncpg
@@ -12,8 +13,9 @@ import pytest
 from cli.embedded import EmbeddedPostgres
 from events.ids import TaskId
 from events.log import CreateTask, EventLog
-from events.migrate import MIGRATIONS_DIR, ChecksumMismatch, discover, migrate
+from events.migrate import MIGRATIONS_DIR, ChecksumMismatch, MigrationBlocked, discover, migrate
 from events.model import EventType
+from tests.waiting import eventually_async
 
 
 async def test_the_migrated_schema_has_the_expected_tables_and_functions(database_url: str) -> None:
@@ -139,3 +141,59 @@ async def test_the_previous_releases_writes_still_work_once_migrated(
         await conn.close()
     assert (await event_log.view(ack.task))["status"] == "cancelled"
     assert [e.type for e in await event_log.history(TaskId("tsk_old"))] == [EventType.TASK_CREATED]
+
+
+@pytest.fixture
+def locking_migration(tmp_path: Path) -> Path:
+    """The migrations, and one more that takes `tasks` as an ALTER TABLE would."""
+    for source in MIGRATIONS_DIR.glob("*.sql"):
+        (tmp_path / source.name).write_text(source.read_text())
+    (tmp_path / "9999_lock_tasks.sql").write_text("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE;\n")
+    return tmp_path
+
+
+async def test_a_migration_blocked_by_a_long_transaction_does_not_stop_the_others_queries(
+        database_url: str, locking_migration: Path) -> None:
+    """While another transaction keeps a table a migration alters, the migration gives its
+    place in the lock queue up again and again, so queries on that table go on; it applies
+    once the transaction ends."""
+    holder = await asyncpg.connect(database_url)
+    other = await asyncpg.connect(database_url)
+    try:
+        holder_tx = holder.transaction()
+        await holder_tx.start()
+        await holder.fetchval("SELECT count(*) FROM tasks")  # keeps its lock on tasks until the end
+        migrating = asyncio.create_task(migrate(database_url, locking_migration, lock_timeout_s=0.2))
+        await eventually_async(lambda: _waiting_for_a_lock(other), 10, poll_s=0.02)
+        for _ in range(3):  # each waits out at most one attempt's lock wait, not the holder
+            assert await asyncio.wait_for(other.fetchval("SELECT count(*) FROM tasks"), 5) >= 0
+        assert not migrating.done()
+        await holder_tx.rollback()
+        assert await asyncio.wait_for(migrating, 15) == ["9999_lock_tasks.sql"]
+    finally:
+        await holder.close()
+        await other.close()
+
+
+async def test_a_migration_blocked_past_its_patience_gives_up_and_says_why(
+        database_url: str, locking_migration: Path) -> None:
+    """A migration whose tables stay held is not applied, nor recorded, and the runner says
+    which migration and why."""
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.fetchval("SELECT count(*) FROM tasks")
+            with pytest.raises(MigrationBlocked, match=r"9999_lock_tasks\.sql"):
+                await asyncio.wait_for(
+                    migrate(database_url, locking_migration, lock_timeout_s=0.1, patience_s=1.0), 15)
+        names = {r["name"] for r in await holder.fetch("SELECT name FROM taskcast_migrations")}
+    finally:
+        await holder.close()
+    assert "9999_lock_tasks.sql" not in names
+
+
+async def _waiting_for_a_lock(conn: asyncpg.Connection) -> bool:
+    """Whether a session of this database waits for a lock now (the migration's attempt)."""
+    return bool(await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock'"))

@@ -98,9 +98,9 @@ def _step(view: View, name: str) -> dict[str, Any]:
 
 def _overall(view: View, current: float) -> float:
     total = view.get("steps_total")
-    done = sum(1 for s in view["steps"] if s["status"] == "completed")
     if not total:
         return float(current)
+    done = [s["status"] for s in view["steps"]].count("completed")
     return float(min(1.0, round((done + current) / total, 4)))
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ("append.py", "relay_latency.py", "ack_latency.py", "idle_memory.py", "fanout.py",
+SCRIPTS = ("append.py", "batch_cost.py", "relay_latency.py", "ack_latency.py", "idle_memory.py", "fanout.py",
            "fanout.py --redis-cluster", "latency_fanout.py", "latency_fanout.py --redis-cluster",
            "tasks.py", "start_latency.py", "drain.py", "read_bound.py", "cpu_per_task.py")
 TIMEOUT_S = 120  # each script stops itself within 90 s; this only catches a hang

@@ -222,6 +222,7 @@ def _supervise(settings: Settings, processes: int, insecure: bool) -> int:
 
 
 def _migrate(settings: Settings) -> int:
+    from events.errors import Unavailable
     from events.migrate import ChecksumMismatch, MigrationBlocked, migrate
 
     code = 0
@@ -230,7 +231,7 @@ def _migrate(settings: Settings) -> int:
         nonlocal code
         try:
             applied = await migrate(settings.database_url)
-        except (ChecksumMismatch, MigrationBlocked) as exc:
+        except (ChecksumMismatch, MigrationBlocked, Unavailable) as exc:
             print(f"taskcast migrate: {exc}", file=sys.stderr)
             code = 1
             return

@@ -7,7 +7,8 @@ A migration that alters a table waits for its lock behind every transaction usin
 and every query on the table then waits behind the migration: on a PostgreSQL shared with an
 application, one long transaction of the application's would stop taskcast for as long as it
 stays open. So each attempt at a migration waits at most LOCK_TIMEOUT_S for a lock, and is
-rolled back and tried again later, for up to PATIENCE_S in all (MigrationBlocked).
+rolled back and tried again later, for up to PATIENCE_S in all (MigrationBlocked); so is
+an attempt PostgreSQL rolled back to break a deadlock with another transaction.
 """
 
 from __future__ import annotations
@@ -106,7 +107,10 @@ async def _apply(conn: asyncpg.Connection, migration: Migration, lock_timeout_s:
                 await conn.execute("INSERT INTO taskcast_migrations (name, checksum) VALUES ($1, $2)",
                                    migration.name, migration.checksum)
             return
-        except asyncpg.LockNotAvailableError as exc:
+        # A wait cut short, or a deadlock with an application's transaction (PostgreSQL finds
+        # those after deadlock_timeout, 1 s, before the lock_timeout): either rolled the
+        # whole attempt back, so it is tried again.
+        except (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError) as exc:
             left_s = deadline - time.monotonic()
             if left_s <= 0:
                 raise MigrationBlocked(

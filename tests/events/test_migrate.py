@@ -143,13 +143,18 @@ async def test_the_previous_releases_writes_still_work_once_migrated(
     assert [e.type for e in await event_log.history(TaskId("tsk_old"))] == [EventType.TASK_CREATED]
 
 
+def _with_one_more(directory: Path, name: str, sql: str) -> Path:
+    """`directory` holding the migrations, and one more, `name`, of `sql`."""
+    for source in MIGRATIONS_DIR.glob("*.sql"):
+        (directory / source.name).write_text(source.read_text())
+    (directory / name).write_text(sql)
+    return directory
+
+
 @pytest.fixture
 def locking_migration(tmp_path: Path) -> Path:
     """The migrations, and one more that takes `tasks` as an ALTER TABLE would."""
-    for source in MIGRATIONS_DIR.glob("*.sql"):
-        (tmp_path / source.name).write_text(source.read_text())
-    (tmp_path / "9999_lock_tasks.sql").write_text("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE;\n")
-    return tmp_path
+    return _with_one_more(tmp_path, "9999_lock_tasks.sql", "LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE;\n")
 
 
 async def test_a_migration_blocked_by_a_long_transaction_does_not_stop_the_others_queries(
@@ -190,6 +195,32 @@ async def test_a_migration_blocked_past_its_patience_gives_up_and_says_why(
     finally:
         await holder.close()
     assert "9999_lock_tasks.sql" not in names
+
+
+async def test_a_migration_that_deadlocks_with_an_application_is_tried_again(
+        database_url: str, tmp_path: Path) -> None:
+    """A migration caught in a deadlock with an application's transaction (it holds one table
+    the application reads next, and waits for another the application holds) is rolled back
+    by PostgreSQL, tried again, and applied once the application's transaction ends."""
+    migrations = _with_one_more(tmp_path, "9999_lock_two.sql", "LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE;\n"
+                                "LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE;\n")
+    holder = await asyncpg.connect(database_url)
+    other = await asyncpg.connect(database_url)
+    try:
+        await holder.execute("SET deadlock_timeout = '60s'")  # the migration's backend finds it
+        holder_tx = holder.transaction()
+        await holder_tx.start()
+        await holder.fetchval("SELECT count(*) FROM tasks")
+        migrating = asyncio.create_task(migrate(database_url, migrations, lock_timeout_s=5))
+        await eventually_async(lambda: _waiting_for_a_lock(other), 10, poll_s=0.02)  # holds jobs
+        # The cycle: PostgreSQL rolls the migration's attempt back, and this read goes on.
+        assert await asyncio.wait_for(holder.fetchval("SELECT count(*) FROM jobs"), 10) >= 0
+        assert not migrating.done()
+        await holder_tx.rollback()
+        assert await asyncio.wait_for(migrating, 15) == ["9999_lock_two.sql"]
+    finally:
+        await holder.close()
+        await other.close()
 
 
 async def _waiting_for_a_lock(conn: asyncpg.Connection) -> bool:

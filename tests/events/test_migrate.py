@@ -4,6 +4,8 @@ the previous release's calls keep working once migrated."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import asyncpg
@@ -162,22 +164,13 @@ async def test_a_migration_blocked_by_a_long_transaction_does_not_stop_the_other
     """While another transaction keeps a table a migration alters, the migration gives its
     place in the lock queue up again and again, so queries on that table go on; it applies
     once the transaction ends."""
-    holder = await asyncpg.connect(database_url)
-    other = await asyncpg.connect(database_url)
-    try:
-        holder_tx = holder.transaction()
-        await holder_tx.start()
-        await holder.fetchval("SELECT count(*) FROM tasks")  # keeps its lock on tasks until the end
+    async with _an_application_reading_tasks(database_url) as (_, other):
         migrating = asyncio.create_task(migrate(database_url, locking_migration, lock_timeout_s=0.2))
         await eventually_async(lambda: _waiting_for_a_lock(other), 10, poll_s=0.02)
         for _ in range(3):  # each waits out at most one attempt's lock wait, not the holder
             assert await asyncio.wait_for(other.fetchval("SELECT count(*) FROM tasks"), 5) >= 0
         assert not migrating.done()
-        await holder_tx.rollback()
-        assert await asyncio.wait_for(migrating, 15) == ["9999_lock_tasks.sql"]
-    finally:
-        await holder.close()
-        await other.close()
+    assert await asyncio.wait_for(migrating, 15) == ["9999_lock_tasks.sql"]
 
 
 async def test_a_migration_blocked_past_its_patience_gives_up_and_says_why(
@@ -204,20 +197,31 @@ async def test_a_migration_that_deadlocks_with_an_application_is_tried_again(
     by PostgreSQL, tried again, and applied once the application's transaction ends."""
     migrations = _with_one_more(tmp_path, "9999_lock_two.sql", "LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE;\n"
                                 "LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE;\n")
-    holder = await asyncpg.connect(database_url)
-    other = await asyncpg.connect(database_url)
-    try:
-        await holder.execute("SET deadlock_timeout = '60s'")  # the migration's backend finds it
-        holder_tx = holder.transaction()
-        await holder_tx.start()
-        await holder.fetchval("SELECT count(*) FROM tasks")
+    async with _an_application_reading_tasks(database_url, deadlock_timeout_s=60) as (holder, other):
         migrating = asyncio.create_task(migrate(database_url, migrations, lock_timeout_s=5))
         await eventually_async(lambda: _waiting_for_a_lock(other), 10, poll_s=0.02)  # holds jobs
         # The cycle: PostgreSQL rolls the migration's attempt back, and this read goes on.
         assert await asyncio.wait_for(holder.fetchval("SELECT count(*) FROM jobs"), 10) >= 0
         assert not migrating.done()
-        await holder_tx.rollback()
-        assert await asyncio.wait_for(migrating, 15) == ["9999_lock_two.sql"]
+    assert await asyncio.wait_for(migrating, 15) == ["9999_lock_two.sql"]
+
+
+@asynccontextmanager
+async def _an_application_reading_tasks(
+        database_url: str, *, deadlock_timeout_s: float | None = None,
+) -> AsyncIterator[tuple[asyncpg.Connection, asyncpg.Connection]]:
+    """An application's connection in a transaction that has read `tasks` (so holds its lock
+    until the block ends: closing the connection rolls it back), and another connection.
+    With `deadlock_timeout_s`, the application looks for deadlocks only that late: a cycle
+    is then broken by rolling the other side back."""
+    holder = await asyncpg.connect(database_url)
+    other = await asyncpg.connect(database_url)
+    try:
+        if deadlock_timeout_s is not None:
+            await holder.execute(f"SET deadlock_timeout = '{deadlock_timeout_s}s'")
+        await holder.execute("BEGIN")
+        await holder.fetchval("SELECT count(*) FROM tasks")
+        yield holder, other
     finally:
         await holder.close()
         await other.close()

@@ -72,8 +72,11 @@ async def until(task: asyncio.Future[Any], *flags: Flag, timeout_s: float | None
     for flag in flags:
         flag.add_callback(wake)
     try:
-        async with asyncio.timeout(timeout_s):
+        if timeout_s is None:
             await woken
+        else:
+            async with asyncio.timeout(timeout_s):
+                await woken
     except TimeoutError:
         pass
     finally:

@@ -17,4 +17,6 @@ class SystemClock:
 
 def iso(moment: datetime) -> str:
     """`2026-11-21T10:00:00.000Z`: the protocol's timestamp form."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if moment.tzinfo is not UTC:  # asyncpg's and SystemClock's times are UTC already
+        moment = moment.astimezone(UTC)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # without its "+00:00"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import asyncpg
 import pytest
 
 from events import db
-from events.clock import SystemClock
+from events.clock import SystemClock, iso
 from events.commit import Append, append_batch
 from events.errors import IllegalTransition, NotFound, StaleFence, VersionConflict
 from events.fold import View, apply
@@ -284,3 +286,11 @@ async def test_retention_trims_ended_tasks_and_keeps_their_views(event_log: Even
     assert floor > ZERO and floor < (await event_log.history(done))[0].position
     rebuilt = await event_log.view_before(done, 2)
     assert rebuilt is not None and rebuilt["status"] == "cancelled"
+
+
+def test_a_time_is_written_in_utc_to_the_millisecond_whatever_its_zone() -> None:
+    """The protocol's timestamps: one instant reads the same from any zone, cut to milliseconds."""
+    moment = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    assert {iso(moment), iso(moment.astimezone(timezone(timedelta(hours=-5)))),
+            iso(moment.astimezone(ZoneInfo("Europe/Paris"))), iso(moment.replace(tzinfo=ZoneInfo("UTC")))
+            } == {"2026-01-02T03:04:05.678Z"}

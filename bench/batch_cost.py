@@ -67,7 +67,7 @@ def taskcast_call(conn: asyncpg.Connection, tasks: list[StepTask]) -> Callable[[
         now = datetime.now(UTC)
         items = [prepare(t.id, t.view, [t.next_event()], now) for t in tasks[:size]]
         results = await append_batch(conn, items)
-        for task, item, result in zip(tasks, items, results, strict=False):
+        for task, item, result in zip(tasks[:size], items, results, strict=True):
             if not isinstance(result, list):
                 raise RuntimeError(f"append to {task.id} failed: {result}")
             task.view = item.new
@@ -139,4 +139,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.seconds is not None and args.size is None:
         parser.error("--seconds needs --size")
+    if args.size is not None and not 1 <= args.size <= TASKS:
+        parser.error(f"--size must be 1 to {TASKS} (the running tasks a batch appends to)")
     uvloop.run(main((args.size,) if args.size else SIZES, args.seconds))

@@ -23,7 +23,6 @@ from events.kinds import KindSpec
 from events.log import CreateTask, EventLog
 from events.model import EventType
 from server.settings import Settings
-from tests.spawn import process_env
 from tests.waiting import eventually, eventually_async, free_port
 
 E = EventType
@@ -147,10 +146,11 @@ async def test_a_stop_with_a_stuck_task_ends_within_its_time_box(settings: Setti
     await eventually(lambda: all(t.done() for t in leftovers), within=5)
 
 
-def test_a_migrate_that_cannot_reach_postgresql_says_so_in_one_line_and_exits_1(settings: Settings) -> None:
+def test_a_migrate_that_cannot_reach_postgresql_says_so_in_one_line_and_exits_1() -> None:
     """`taskcast migrate` against a PostgreSQL that is not there names the outage on one
     line (no traceback) and exits 1, so a deploy script stops there."""
-    env = process_env(settings, DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/none")
+    env = {**os.environ, "DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/none",
+           "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "TASKCAST_LOG": "WARNING"}
     done = subprocess.run([sys.executable, "-m", "cli.main", "migrate"], env=env, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 1

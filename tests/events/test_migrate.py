@@ -4,9 +4,10 @@ the previous release's calls keep working once migrated."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import orjson
@@ -18,6 +19,8 @@ from events.log import CreateTask, EventLog
 from events.migrate import MIGRATIONS_DIR, ChecksumMismatch, MigrationBlocked, discover, migrate
 from events.model import EventType
 from tests.waiting import eventually_async
+
+Background = Callable[[Coroutine[Any, Any, list[str]]], asyncio.Task[list[str]]]
 
 
 async def test_the_migrated_schema_has_the_expected_tables_and_functions(database_url: str) -> None:
@@ -159,13 +162,29 @@ def locking_migration(tmp_path: Path) -> Path:
     return _with_one_more(tmp_path, "9999_lock_tasks.sql", "LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE;\n")
 
 
+@pytest.fixture
+async def background() -> AsyncIterator[Background]:
+    """Starts a migration as a task; one still running when the test ends (a failed assert)
+    is cancelled and awaited before the database is dropped."""
+    started: list[asyncio.Task[list[str]]] = []
+
+    def start(coro: Coroutine[Any, Any, list[str]]) -> asyncio.Task[list[str]]:
+        started.append(asyncio.create_task(coro))
+        return started[-1]
+
+    yield start
+    for task in started:
+        task.cancel()
+    await asyncio.gather(*started, return_exceptions=True)
+
+
 async def test_a_migration_blocked_by_a_long_transaction_does_not_stop_the_others_queries(
-        database_url: str, locking_migration: Path) -> None:
+        database_url: str, locking_migration: Path, background: Background) -> None:
     """While another transaction keeps a table a migration alters, the migration gives its
     place in the lock queue up again and again, so queries on that table go on; it applies
     once the transaction ends."""
     async with _an_application_reading_tasks(database_url) as (_, other):
-        migrating = asyncio.create_task(migrate(database_url, locking_migration, lock_timeout_s=0.2))
+        migrating = background(migrate(database_url, locking_migration, lock_timeout_s=0.2))
         await eventually_async(lambda: _waiting_for_a_lock(other), 10, poll_s=0.02)
         for _ in range(3):  # each waits out at most one attempt's lock wait, not the holder
             assert await asyncio.wait_for(other.fetchval("SELECT count(*) FROM tasks"), 5) >= 0
@@ -191,19 +210,20 @@ async def test_a_migration_blocked_past_its_patience_gives_up_and_says_why(
 
 
 async def test_a_migration_that_deadlocks_with_an_application_is_tried_again(
-        database_url: str, tmp_path: Path) -> None:
+        database_url: str, tmp_path: Path, background: Background, caplog: pytest.LogCaptureFixture) -> None:
     """A migration caught in a deadlock with an application's transaction (it holds one table
     the application reads next, and waits for another the application holds) is rolled back
     by PostgreSQL, tried again, and applied once the application's transaction ends."""
     migrations = _with_one_more(tmp_path, "9999_lock_two.sql", "LOCK TABLE jobs IN ACCESS EXCLUSIVE MODE;\n"
                                 "LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE;\n")
     async with _an_application_reading_tasks(database_url, deadlock_timeout_s=60) as (holder, other):
-        migrating = asyncio.create_task(migrate(database_url, migrations, lock_timeout_s=5))
+        migrating = background(migrate(database_url, migrations, lock_timeout_s=5))
         await eventually_async(lambda: _waiting_for_a_lock(other), 10, poll_s=0.02)  # holds jobs
         # The cycle: PostgreSQL rolls the migration's attempt back, and this read goes on.
         assert await asyncio.wait_for(holder.fetchval("SELECT count(*) FROM jobs"), 10) >= 0
         assert not migrating.done()
     assert await asyncio.wait_for(migrating, 15) == ["9999_lock_two.sql"]
+    assert "deadlock detected" in caplog.text  # not a lock wait cut short (deadlock_timeout < 5 s)
 
 
 @asynccontextmanager

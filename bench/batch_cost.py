@@ -1,5 +1,5 @@
 """PostgreSQL's CPU per group-commit batch, by batch size: what one backend spends (user +
-system time, read from /proc, so Linux only) per call of `taskcast_append_batch` carrying N
+system time, by psutil) per call of `taskcast_append_batch` carrying N
 one-event appends to N running tasks, and per item; beside the raw peer on another
 connection of the same database, N rows of the shape of `events` in one transaction
 (`executemany`, one INSERT per transaction at N = 1). Sequential calls on one connection
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -24,8 +23,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 import orjson
+import psutil
 import uvloop
-from benchlib import BUDGET_S, StepTask, describe_postgres, events_shaped, running_tasks, scratch_database
+from append import INSERT, RAW_TABLE, RawWriter
+from benchlib import BUDGET_S, StepTask, describe_postgres, running_tasks, scratch_database
 
 from events import db
 from events.commit import append_batch, prepare
@@ -35,31 +36,26 @@ SIZES = (1, 4, 16, 64)
 ROUNDS = 3
 ITEMS_PER_ROUND = 1600  # per size and side: calls = ITEMS_PER_ROUND / size (at least 100)
 TASKS = 64
-TICK = os.sysconf("SC_CLK_TCK")
-
-RAW_TABLE = events_shaped("raw_events")
-INSERT = "INSERT INTO raw_events (task_id, version, scope, type, data, at) VALUES ($1, $2, $3, $4, $5, $6)"
 
 
-def backend_cpu_s(pid: int) -> float:
-    """User + system seconds of a process so far (/proc/PID/stat, fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+def backend_cpu_s(backend: psutil.Process) -> float:
+    """User + system seconds of a process so far."""
+    times = backend.cpu_times()
+    return float(times.user + times.system)
 
 
 class Side:
-    """One connection, its backend's pid, and a call of `size` items on it."""
+    """A connection's backend, and a call of `size` items on that connection."""
 
-    def __init__(self, conn: asyncpg.Connection, pid: int, call: Callable[[int], Awaitable[None]]) -> None:
-        self.conn, self.pid, self.call = conn, pid, call
+    def __init__(self, pid: int, call: Callable[[int], Awaitable[None]]) -> None:
+        self.pid, self.backend, self.call = pid, psutil.Process(pid), call
 
     async def measure(self, size: int, calls: int) -> tuple[float, float]:
         """Backend CPU per call and wall time per call, in seconds."""
-        cpu, started = backend_cpu_s(self.pid), time.perf_counter()
+        cpu, started = backend_cpu_s(self.backend), time.perf_counter()
         for _ in range(calls):
             await self.call(size)
-        return (backend_cpu_s(self.pid) - cpu) / calls, (time.perf_counter() - started) / calls
+        return (backend_cpu_s(self.backend) - cpu) / calls, (time.perf_counter() - started) / calls
 
 
 def taskcast_call(conn: asyncpg.Connection, tasks: list[StepTask]) -> Callable[[int], Awaitable[None]]:
@@ -75,16 +71,9 @@ def taskcast_call(conn: asyncpg.Connection, tasks: list[StepTask]) -> Callable[[
     return call
 
 
-def raw_call(conn: asyncpg.Connection) -> Callable[[int], Awaitable[None]]:
-    version = 0
-
+def raw_call(conn: asyncpg.Connection, writer: RawWriter) -> Callable[[int], Awaitable[None]]:
     async def call(size: int) -> None:
-        nonlocal version
-        at = datetime.now(UTC)
-        rows = [("raw", version + k, "bench", "step.progress",
-                 orjson.dumps({"step": "step-0", "progress": k % 10 / 10}).decode(), at)
-                for k in range(1, size + 1)]
-        version += size
+        rows = writer.rows(0, size)
         if size == 1:
             await conn.execute(INSERT, *rows[0])
         else:
@@ -95,13 +84,14 @@ def raw_call(conn: asyncpg.Connection) -> Callable[[int], Awaitable[None]]:
 async def main(sizes: tuple[int, ...], seconds: float | None) -> None:
     async with asyncio.timeout(BUDGET_S), scratch_database("batch_cost") as url:
         pool = await db.create_pool(url, min_size=1, max_size=1)
-        raw = await asyncpg.connect(url)
+        raw_pool = await asyncpg.create_pool(url, min_size=1, max_size=1)
+        assert raw_pool is not None
         try:
-            await raw.execute(RAW_TABLE)
+            await raw_pool.execute(RAW_TABLE)
             tasks = await running_tasks(EventLog(pool), TASKS)
-            async with pool.acquire() as conn:
-                ours = Side(conn, await conn.fetchval("SELECT pg_backend_pid()"), taskcast_call(conn, tasks))
-                peer = Side(raw, await raw.fetchval("SELECT pg_backend_pid()"), raw_call(raw))
+            async with pool.acquire() as conn, raw_pool.acquire() as raw:
+                ours = Side(await conn.fetchval("SELECT pg_backend_pid()"), taskcast_call(conn, tasks))
+                peer = Side(await raw.fetchval("SELECT pg_backend_pid()"), raw_call(raw, RawWriter(raw_pool)))
                 print(f"batch cost: {await describe_postgres(url)}; one connection a side, "
                       f"{ROUNDS} interleaved rounds of {ITEMS_PER_ROUND} items a size; "
                       f"taskcast's backend is pid {ours.pid}", flush=True)
@@ -128,7 +118,7 @@ async def main(sizes: tuple[int, ...], seconds: float | None) -> None:
                     print(f"  {size:3d} items: {'; '.join(line)}; CPU ratio {ratio:.2f} "
                           f"(views of {view_bytes:,.0f} bytes of JSON)", flush=True)
         finally:
-            await raw.close()
+            await raw_pool.close()
             await pool.close()
 
 

@@ -196,16 +196,11 @@ async def test_a_migration_blocked_past_its_patience_gives_up_and_says_why(
         database_url: str, locking_migration: Path) -> None:
     """A migration whose tables stay held is not applied, nor recorded, and the runner says
     which migration and why."""
-    holder = await asyncpg.connect(database_url)
-    try:
-        async with holder.transaction():
-            await holder.fetchval("SELECT count(*) FROM tasks")
-            with pytest.raises(MigrationBlocked, match=r"9999_lock_tasks\.sql"):
-                await asyncio.wait_for(
-                    migrate(database_url, locking_migration, lock_timeout_s=0.1, patience_s=1.0), 15)
-        names = {r["name"] for r in await holder.fetch("SELECT name FROM taskcast_migrations")}
-    finally:
-        await holder.close()
+    async with _an_application_reading_tasks(database_url) as (_, other):
+        with pytest.raises(MigrationBlocked, match=r"9999_lock_tasks\.sql"):
+            await asyncio.wait_for(
+                migrate(database_url, locking_migration, lock_timeout_s=0.1, patience_s=1.0), 15)
+        names = {r["name"] for r in await other.fetch("SELECT name FROM taskcast_migrations")}
     assert "9999_lock_tasks.sql" not in names
 
 

@@ -16,7 +16,7 @@ from events.errors import Unavailable
 from events.fold import View, apply
 from events.ids import TaskId, encode
 from events.log import EventLog
-from events.model import Event
+from events.model import TERMINAL, Event
 from events.relay.batch import Update, degraded, update
 
 log = logging.getLogger("taskcast.projector")
@@ -79,7 +79,19 @@ class Projector:
         return await self.log.views_before(wanted) if wanted else {}
 
     def _remember(self, task: TaskId, view: View) -> None:
+        """Keep `view` for the task's next event. Tasks leave the cache as they end (an
+        ended task has no next event), and when it is full a task just created waits
+        outside it, rebuilt from its one event when it starts: a queue runs its tasks in
+        about the order they came, so the ones the cache holds, created earlier, are the
+        ones needed next. A least recently used eviction would make way for each new task
+        by dropping the oldest queued one, and past a backlog of `max_tasks` every task
+        would miss at its start."""
+        if view["status"] in TERMINAL:
+            self._views.pop(task, None)
+            return
+        if task not in self._views and len(self._views) >= self.max_tasks:
+            if view["version"] == 1:
+                return
+            self._views.popitem(last=False)
         self._views[task] = view
         self._views.move_to_end(task)
-        if len(self._views) > self.max_tasks:
-            self._views.popitem(last=False)

@@ -80,3 +80,27 @@ async def test_a_history_that_cannot_be_folded_degrades_its_own_event_only(
     assert got == [u for u, e in zip(expected, events, strict=True) if e in later]
     assert [b'"degraded":true' in u.blob for u in got] == [e.task == broken for e in later]
     assert reads == [3]
+
+
+async def test_a_queue_longer_than_the_cache_rebuilds_only_the_tasks_past_it(
+        event_log: EventLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten tasks created before any starts, through a cache of four views, then run one
+    after another to their end, each run read as a batch of its own (a drain of a backlog):
+    every update equals a warm projector's, and only the six tasks created past the
+    cache's size are rebuilt at their start, not every task."""
+    created = [await event_log.create(CreateTask("demo", "p")) for _ in range(10)]
+    for ack in created:
+        view = await event_log.view(ack.task)
+        await event_log.append(ack.task, view, [
+            NewEvent(E.TASK_STARTED, {}), NewEvent(E.STEP_STARTED, {"step": "a"}),
+            NewEvent(E.STEP_COMPLETED, {"step": "a"}), NewEvent(E.TASK_COMPLETED, {})])
+    events = await event_log.read_after()
+    expected = await Projector(event_log).updates(events)
+    small = Projector(event_log, max_tasks=4)
+    got = await small.updates([e for e in events if e.version == 1])
+    rebuilt = _count_rebuilds(event_log, monkeypatch)
+    for ack in created:
+        got += await small.updates([e for e in events if e.task == ack.task and e.version > 1])
+    assert sorted(got) == sorted(expected)  # each event's once, as a warm projector made it
+    assert sum(rebuilt) == 6
+
